@@ -1,0 +1,85 @@
+"""Average Drop and Average Increase (Chattopadhyay et al., Grad-CAM++, WACV 2018, sec. 5.1).
+
+Y = p_c(x), O = p_c(x * S') with S' the saliency map kept at retention r (PROTOCOL.md):
+AD = 100/N sum max(0, Y - O)/Y (lower is better), AI = 100/N sum [O > Y] (higher is better).
+Both metrics read the same masked forward passes, memoised in ``MetricBatch.cache``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from xbench import Metric, MetricBatch, hookimpl
+from xbench.saliency import retention_mask
+
+DEFAULT_RETENTIONS = (1.0, 0.5, 0.15)
+MASKINGS = ("continuous", "binary")
+
+
+def _variant(retention: float, masking: str) -> str:
+    label = f"r={retention * 100:g}%"
+    return label if masking == "continuous" else f"{label},{masking}"
+
+
+def masked_probabilities(batch: MetricBatch, retentions: tuple[float, ...], masking: str,
+                         chunk: int = 64) -> dict[float, torch.Tensor]:
+    """{r: O (B,)}: p_c of the images masked by their maps kept at each retention, memoised."""
+    key = ("average-drop/masked", retentions, masking)
+    if key not in batch.cache:
+        masked = torch.cat([
+            batch.images * retention_mask(batch.saliency, r, binary=masking == "binary")[:, None]
+            for r in retentions
+        ])
+        targets = batch.targets.repeat(len(retentions))
+        probs = batch.model.probabilities(masked, batch_size=chunk)
+        target_probs = probs.gather(1, targets[:, None])[:, 0].view(len(retentions), -1)
+        batch.cache[key] = dict(zip(retentions, target_probs))
+    return batch.cache[key]
+
+
+class _RetentionMetric(Metric):
+    unit = "%"
+
+    def __init__(self, retentions: tuple[float, ...] = DEFAULT_RETENTIONS,
+                 masking: str = "continuous", **options):
+        super().__init__(**options)
+        if masking not in MASKINGS:
+            raise ValueError(f"metric {self.name!r}: masking must be one of {MASKINGS}, "
+                             f"got {masking!r}")
+        self.retentions = tuple(float(r) for r in retentions)
+        self.masking = masking
+
+    def score(self, batch):
+        masked = masked_probabilities(batch, self.retentions, self.masking)
+        return {_variant(r, self.masking): self.per_image(batch.clean_probs, masked[r])
+                for r in self.retentions}
+
+    @staticmethod
+    def per_image(clean: torch.Tensor, masked: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class AverageDrop(_RetentionMetric):
+    name = "average-drop"
+    direction = "lower"
+    summary = "Average Drop %: relative loss of target confidence on the map-masked image"
+
+    @staticmethod
+    def per_image(clean, masked):
+        return 100.0 * torch.clamp(clean - masked, min=0) / clean
+
+
+class AverageIncrease(_RetentionMetric):
+    name = "average-increase"
+    direction = "higher"
+    summary = "Average Increase %: share of images whose confidence rises on the masked image"
+
+    @staticmethod
+    def per_image(clean, masked):
+        return 100.0 * (masked > clean).to(clean.dtype)
+
+
+@hookimpl
+def register_metrics(register):
+    register(AverageDrop)
+    register(AverageIncrease)

