@@ -126,6 +126,8 @@ class MetricBatch:
     explain_backward: torch.Tensor  # (B,) backward passes spent by the explainer per image
     explain_seconds: torch.Tensor  # (B,) explanation wall time per image
     cache: dict[Any, Any] = field(default_factory=dict)
+    #: per-image curves a metric wants kept: {(metric name, variant): tensor (B, T)}
+    curves: dict[tuple[str, str], torch.Tensor] = field(default_factory=dict)
 
 
 class Metric(ABC):

@@ -22,8 +22,9 @@ class ClassifierHandle(nn.Module):
     """
 
     def __init__(self, loaded: LoadedModel, device: torch.device | str = "cpu",
-                 channels_last: bool = False) -> None:
+                 channels_last: bool = False, name: str = "") -> None:
         super().__init__()
+        self.name = name  # the Model plugin's registry name (explainers may key assets on it)
         self.loaded = loaded
         self.net = loaded.module.eval()
         self.register_buffer("mean", torch.tensor(loaded.mean).view(1, 3, 1, 1), persistent=False)

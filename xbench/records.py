@@ -102,6 +102,8 @@ class ResultRow:
     dtype: str = ""
     batch_size: int = 0
     versions: str = ""
+    #: per-image curve of the metric (insertion/deletion), rounded; None for scalar metrics
+    curve: tuple[float, ...] | None = None
 
     @property
     def column(self) -> str:

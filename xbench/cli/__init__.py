@@ -1,0 +1,71 @@
+"""Command-line entry point: ``xbench SUBCOMMAND ...``; one module per subcommand.
+
+Each subcommand module defines ``add_parser(subparsers)`` (which registers its parser and sets
+``func``) and is listed in ``SUBCOMMANDS``; modules are imported only when needed so that
+``xbench plugins`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from rich.console import Console
+
+from xbench.errors import UserError
+
+SUBCOMMANDS = {
+    "run": "xbench.cli.run",
+    "leaderboard": "xbench.cli.leaderboard",
+    "plugins": "xbench.cli.plugins",
+    "explain": "xbench.cli.explain",
+    "plot": "xbench.cli.plot",
+    "train": "xbench.cli.train",
+    "similarity": "xbench.cli.similarity",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from xbench import __version__
+
+    parser = argparse.ArgumentParser(prog="xbench", description=(
+        "Benchmark visual explanation methods: which explainer is most faithful, at what cost?"))
+    parser.add_argument("--version", action="version", version=f"xbench {__version__}")
+    parser.add_argument("-p", dest="plugin_options", action="append", default=[], metavar="no:NAME",
+                        help="block the plugin NAME for this command (repeatable)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, module in SUBCOMMANDS.items():
+        try:
+            importlib.import_module(module).add_parser(sub)
+        except ModuleNotFoundError as exc:
+            if exc.name != module:
+                raise
+    return parser
+
+
+def blocked_plugins(args: argparse.Namespace) -> list[str]:
+    blocked = []
+    for option in args.plugin_options:
+        if not option.startswith("no:"):
+            raise UserError(f"-p {option}: only '-p no:NAME' (block plugin NAME) is supported")
+        blocked.append(option[3:])
+    return blocked
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    err = Console(stderr=True)
+    try:
+        return int(args.func(args) or 0)
+    except UserError as exc:
+        err.print(f"[bold red]error:[/] {exc}", highlight=False)
+        return 2
+    except KeyboardInterrupt:
+        err.print("[yellow]interrupted[/]: finished units are on disk; rerun with --resume")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
