@@ -184,6 +184,10 @@ class RunFolder:
             good_bytes += len(line)
         return done, good_bytes, len(raw)
 
+    def finished_units(self) -> dict[str, int]:
+        """{unit: rows-file size after it}, read-only (a torn tail is ignored, not cut)."""
+        return self._read_progress()[0]
+
     def completed_units(self) -> dict[str, int]:
         """{unit: rows-file size after it}, after cutting a torn tail off both files."""
         done, good_bytes, size = self._read_progress()
@@ -214,8 +218,7 @@ class RunFolder:
         """The rows of finished units (a torn tail past the last progress line is ignored)."""
         if not self.rows_path.exists():
             return
-        done, _, _ = self._read_progress()
-        limit = max(done.values(), default=0)
+        limit = max(self.finished_units().values(), default=0)
         with self.rows_path.open("rb") as handle:
             data = handle.read(limit)
         for line in data.splitlines():

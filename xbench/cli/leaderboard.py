@@ -1,0 +1,39 @@
+"""``xbench leaderboard``: regenerate (or check) LEADERBOARD.md and leaderboard.csv."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from rich.console import Console
+
+from xbench import leaderboard
+from xbench.errors import UserError
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser("leaderboard", help="regenerate the leaderboard from run records",
+                              description=__doc__)
+    p.add_argument("results", nargs="?", default="results", help="results folder")
+    p.add_argument("--check", action="store_true",
+                   help="fail (exit 1) when the committed leaderboard differs from the records")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    results = Path(args.results)
+    if not results.is_dir():
+        raise UserError(f"{results}: no such results folder (xbench run --out {results} makes one)")
+    console = Console(stderr=True)
+    if args.check:
+        stale = leaderboard.check(results)
+        if stale:
+            console.print(f"[red]stale leaderboard[/]: {', '.join(stale)} differ from what the "
+                          f"records regenerate; run `xbench leaderboard {results}` and commit.",
+                          highlight=False)
+            return 1
+        console.print(f"leaderboard in {results} matches its records")
+        return 0
+    for path in leaderboard.write(results):
+        console.print(f"wrote {path}", highlight=False)
+    return 0

@@ -1,0 +1,120 @@
+"""``xbench run``: score the explainer x metric matrix and record every row."""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from xbench import leaderboard
+from xbench.cli.progress import rich_progress
+from xbench.plugins import build_registry
+from xbench.runner import DTYPES, TARGET_RULES, RunConfig, Runner
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser("run", help="score explainers x metrics on a dataset",
+                              description=__doc__)
+    p.add_argument("--explainers", default="all", help="'all' or a comma-separated list")
+    p.add_argument("--metrics", default="all", help="'all' or a comma-separated list")
+    p.add_argument("--model", default="efficientnet-lite0", help="a registered model name")
+    p.add_argument("--weights", help="local weights file (state dict) for the model")
+    p.add_argument("--checkpoint", help="checkpoint for plugins that take one (L-CAM heads, "
+                   "mutual-transfer models)")
+    p.add_argument("--member", help="which member of a multi-network model (st1|st2)")
+    p.add_argument("--data", default="sample", help="'sample' (embedded photos) or a folder")
+    p.add_argument("--labels", help="labels file: file,label CSV, LOC_val_solution.csv or devkit "
+                   "ground truth")
+    p.add_argument("--limit", type=int, help="use a seeded subset of N images")
+    p.add_argument("--seed", type=int, default=0, help="seed for subsets, masks and bootstrap")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--dtype", default="fp32", choices=sorted(DTYPES),
+                   help="fp32, or autocast bf16/fp16 for explanations")
+    p.add_argument("--batch-size", type=int, default=8, help="images per explainer call")
+    p.add_argument("--layers", help="target layer(s): 'last' (the model's default) or NAME,NAME")
+    p.add_argument("--profile", default="auto", help="quick | paper | auto (quick on the "
+                   "embedded sample, paper otherwise)")
+    p.add_argument("--target", dest="target_rule", default="predicted", choices=TARGET_RULES,
+                   help="explain the top-1 prediction (default) or the ground-truth label")
+    p.add_argument("-o", "--option", dest="options", action="append", default=[],
+                   metavar="PLUGIN.KEY=VALUE", help="plugin option, e.g. rise.n_masks=8000")
+    p.add_argument("--no-channels-last", dest="channels_last", action="store_false",
+                   help="keep the model in contiguous memory format")
+    p.add_argument("--out", default="results", help="results folder (one sub-folder per run)")
+    p.add_argument("--name", help="run folder name (default: model_data_profile[_nN-sS])")
+    p.add_argument("--resume", action="store_true", help="finish an interrupted run")
+    p.add_argument("--overwrite", action="store_true", help="start the run folder afresh")
+    p.add_argument("--no-leaderboard", dest="leaderboard", action="store_false",
+                   help="do not regenerate LEADERBOARD.md in --out")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from xbench.cli import blocked_plugins
+
+    console = Console()
+    err = Console(stderr=True)
+    registry = build_registry(blocked=blocked_plugins(args))
+    for message in registry.load_errors:
+        err.print(f"[yellow]warning:[/] {message}", highlight=False)
+    config = RunConfig(
+        explainers=args.explainers, metrics=args.metrics, model=args.model, data=args.data,
+        labels=args.labels, limit=args.limit, seed=args.seed, device=args.device,
+        dtype=args.dtype, batch_size=args.batch_size, profile=args.profile, layers=args.layers,
+        weights=args.weights, target_rule=args.target_rule, channels_last=args.channels_last,
+        options=tuple(args.options), checkpoint=args.checkpoint, member=args.member)
+    out = Path(args.out)
+    runner = Runner(config, registry, out, name=args.name, progress=rich_progress)
+    err.print(f"xbench run [bold]{runner.run_name}[/]: {len(runner.dataset.items)} images, "
+              f"explainers {', '.join(runner.explainer_names)}; profile {runner.profile}",
+              highlight=False)
+    start = time.perf_counter()
+    summary = runner.run(resume=args.resume, overwrite=args.overwrite)
+    elapsed = time.perf_counter() - start
+    text, table = leaderboard.run_section(summary.folder)
+    print_matrix(console, summary.folder, table)
+    if args.leaderboard:
+        leaderboard.write(out)
+    err.print(f"{summary.units_done} units computed, {summary.units_skipped} already done, "
+              f"{summary.failed_cells} failed cells, {summary.failed_images} unreadable images "
+              f"in {elapsed:.1f} s; records in {summary.folder.path}", highlight=False)
+    return 1 if summary.failed_cells or summary.failed_images else 0
+
+
+def print_matrix(console: Console, folder, table) -> None:
+    header = folder.header()
+    frame = leaderboard.run_frame(folder)
+    accuracy, labelled = leaderboard.top1_accuracy(frame)
+    title = (f"{header.run_name} — protocol v{header.protocol}, profile {header.profile}, "
+             f"top-1 {leaderboard.format_number(accuracy)} ({labelled} labelled)")
+    if table.empty:
+        console.print(f"{title}: no scores")
+        return
+    # Transposed for the terminal: one line per metric column, one column per explainer;
+    # the intervals are in LEADERBOARD.md.
+    explainers = sorted(set(zip(table.explainer, table.layer)))
+    show_layer = len({layer for _, layer in explainers if layer != "-"}) > 1
+    rich_table = Table(title=title, caption="bold: best; ≈: tied with best (paired bootstrap); "
+                       "95% intervals in LEADERBOARD.md", show_lines=False)
+    rich_table.add_column("metric")
+    for explainer, layer in explainers:
+        rich_table.add_column(f"{explainer}\n{layer}" if show_layer else explainer,
+                              justify="right")
+    cells = table.set_index(["column", "explainer", "layer"])
+    for column in leaderboard.column_order(table):
+        direction = table[table.column == column].direction.iloc[0]
+        line = [f"{column} {leaderboard.ARROWS[direction]}"]
+        for explainer, layer in explainers:
+            key = (column, explainer, layer)
+            line.append(leaderboard.cell_text(cells.loc[key], markdown=False, interval=False)
+                        if key in cells.index else "")
+        rich_table.add_row(*line)
+    console.print(rich_table)
+    failed = leaderboard.failures(frame)
+    if not failed.empty:
+        console.print(f"[red]{len(failed)} failed cells[/], first: "
+                      f"{failed.iloc[0].image} / {failed.iloc[0].explainer}: {failed.iloc[0].error}",
+                      highlight=False)

@@ -1,0 +1,246 @@
+"""Views derived from run records: pandas frames, the matrix, LEADERBOARD.md and its CSV.
+
+Nothing here is stored state: every view is recomputed from ``rows.jsonl`` and ``run.json``,
+deterministically (seeded bootstrap, sorted keys), so the committed leaderboard can be checked
+byte for byte against the committed records (``xbench leaderboard --check``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from xbench.records import ResultRow, RunFolder, RunHeader, find_runs
+from xbench.stats import bootstrap_ci, significantly_different
+
+LEADERBOARD_MD = "LEADERBOARD.md"
+LEADERBOARD_CSV = "leaderboard.csv"
+ARROWS = {"lower": "↓", "higher": "↑"}
+
+
+def rows_frame(rows: list[ResultRow]) -> pd.DataFrame:
+    """One line per ResultRow (curves left out), with the matrix column name added."""
+    fields = [f.name for f in dataclasses.fields(ResultRow) if f.name != "curve"]
+    frame = pd.DataFrame([{name: getattr(r, name) for name in fields} for r in rows],
+                         columns=fields)
+    frame["column"] = [r.column for r in rows]
+    return frame
+
+
+def run_frame(folder: RunFolder) -> pd.DataFrame:
+    return rows_frame(list(folder.rows()))
+
+
+def top1_accuracy(frame: pd.DataFrame) -> tuple[float, int]:
+    """(accuracy, images) of the model's top-1 prediction over images that have a label."""
+    images = frame[(frame.explainer == "") & (frame.metric == "confidence")
+                   & (frame.status == "ok") & frame.label.notna()]
+    if images.empty:
+        return float("nan"), 0
+    correct = (images.label.astype(int) == images.predicted.astype(int)).to_numpy()
+    return float(correct.mean()), int(correct.size)
+
+
+def failures(frame: pd.DataFrame) -> pd.DataFrame:
+    """Failed rows, one per (image, explainer, metric, error)."""
+    failed = frame[frame.status != "ok"]
+    return failed[["image", "explainer", "layer", "metric", "error"]].drop_duplicates()
+
+
+def matrix(frame: pd.DataFrame, seed: int = 0) -> pd.DataFrame:
+    """The explainer x metric matrix: one line per (explainer, layer, column).
+
+    mean over images with a seeded 95% bootstrap interval; ``best`` marks the best explainer
+    of each (layer-agnostic) column, ``tied_with_best`` those whose paired bootstrap
+    difference from the best includes 0 (the same images, PROTOCOL.md "Aggregation").
+    """
+    scored = frame[(frame.explainer != "") & (frame.status == "ok") & frame.value.notna()]
+    # columns keep the order the metrics produced them in (retention 100%, 50%, 15%, ...)
+    first_seen = {column: i for i, column in enumerate(dict.fromkeys(scored.column))}
+    out = []
+    for (explainer, layer, column), cell in scored.groupby(["explainer", "layer", "column"],
+                                                          sort=True):
+        values = cell.value.to_numpy(dtype=np.float64)
+        low, high = bootstrap_ci(values, seed=seed)
+        out.append({
+            "explainer": explainer, "layer": layer, "column": column,
+            "metric": cell.metric.iloc[0], "variant": cell.variant.iloc[0],
+            "direction": cell.direction.iloc[0], "mean": float(values.mean()),
+            "ci_low": low, "ci_high": high, "median": float(np.median(values)),
+            "q1": float(np.quantile(values, 0.25)), "q3": float(np.quantile(values, 0.75)),
+            "images": int(values.size), "degenerate": int(cell.degenerate.sum()),
+            "order": first_seen[column],
+        })
+    result = pd.DataFrame(out, columns=["explainer", "layer", "column", "metric", "variant",
+                                        "direction", "mean", "ci_low", "ci_high", "median", "q1",
+                                        "q3", "images", "degenerate", "order"])
+    result["best"] = False
+    result["tied_with_best"] = False
+    for column, group in result.groupby("column", sort=True):
+        lower = group.direction.iloc[0] == "lower"
+        best_index = group["mean"].idxmin() if lower else group["mean"].idxmax()
+        result.loc[best_index, "best"] = True
+        best = result.loc[best_index]
+        best_values = _per_image(scored, best.explainer, best.layer, column)
+        for index, line in group.iterrows():
+            if index == best_index:
+                continue
+            values = _per_image(scored, line.explainer, line.layer, column)
+            common = best_values.index.intersection(values.index)
+            if len(common) >= 2:
+                result.loc[index, "tied_with_best"] = not significantly_different(
+                    values.loc[common].to_numpy(), best_values.loc[common].to_numpy(), seed=seed)
+    return result
+
+
+def _per_image(scored: pd.DataFrame, explainer: str, layer: str, column: str) -> pd.Series:
+    cell = scored[(scored.explainer == explainer) & (scored.layer == layer)
+                  & (scored.column == column)]
+    return cell.set_index("image").value.sort_index()
+
+
+def format_number(value: float) -> str:
+    if not np.isfinite(value):
+        return "–"
+    magnitude = abs(value)
+    if magnitude >= 100:
+        return f"{value:.1f}"
+    if magnitude >= 1:
+        return f"{value:.2f}"
+    return f"{value:.3g}"
+
+
+def cell_text(line: pd.Series, markdown: bool = True, interval: bool = True) -> str:
+    """A cell as text: mean [95% CI] (time: median (IQR)), best bold, ties with the best ≈."""
+    if line.metric == "time":
+        text = format_number(line["median"])
+        if interval:
+            text += f" (IQR {format_number(line.q1)}–{format_number(line.q3)})"
+    elif line.ci_low == line.ci_high or not interval:
+        text = format_number(line["mean"])
+    else:
+        text = f"{format_number(line['mean'])} [{format_number(line.ci_low)}, {format_number(line.ci_high)}]"
+    if line.best:
+        return f"**{text}**" if markdown else f"[bold]{text}[/]"
+    if line.tied_with_best:
+        return f"{text} ≈"
+    return text
+
+
+def column_order(matrix_frame: pd.DataFrame) -> list[str]:
+    """Matrix columns in the order the metrics produced them."""
+    firsts = matrix_frame.groupby("column", sort=False)["order"].min()
+    return sorted(firsts.index, key=lambda column: firsts[column])
+
+
+def wide_table(matrix_frame: pd.DataFrame, markdown: bool = True) -> tuple[list[str], list[list[str]]]:
+    """(header, rows) of the matrix as text: one row per explainer (and layer)."""
+    columns = column_order(matrix_frame)
+    layers = sorted(set(matrix_frame.layer))
+    show_layer = len([layer for layer in layers if layer != "-"]) > 1
+    head = ["explainer"] + (["layer"] if show_layer else [])
+    directions = matrix_frame.drop_duplicates("column").set_index("column").direction
+    head += [f"{c} {ARROWS.get(directions[c], '')}" for c in columns]
+    body = []
+    for (explainer, layer), group in matrix_frame.groupby(["explainer", "layer"], sort=True):
+        cells = group.set_index("column")
+        line = [explainer] + ([layer] if show_layer else [])
+        line += [cell_text(cells.loc[c], markdown) if c in cells.index else "" for c in columns]
+        body.append(line)
+    return head, body
+
+
+def _markdown_table(head: list[str], body: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(line) + " |" for line in body]
+    return "\n".join(lines)
+
+
+def run_section(folder: RunFolder) -> tuple[str, pd.DataFrame]:
+    """Markdown section and matrix frame of one run."""
+    header = folder.header()
+    frame = run_frame(folder)
+    table = matrix(frame, seed=header.config.get("seed", 0))
+    accuracy, labelled = top1_accuracy(frame)
+    failed = failures(frame)
+    env = header.environment
+    lines = [
+        f"## {header.run_name}",
+        "",
+        f"- model: `{header.model['name']}` (layer `{_layers(header)}`), "
+        f"input {header.model['input_size']} px",
+        f"- data: `{header.dataset['name']}` ({header.dataset['layout']}), "
+        f"{header.dataset['images']} images, subset hash `{header.dataset['subset_hash']}`",
+        f"- protocol v{header.protocol}, profile `{header.profile}`, target "
+        f"`{header.config.get('target_rule')}`, seed {header.config.get('seed')}, "
+        f"dtype {header.config.get('dtype')}, batch {header.config.get('batch_size')}",
+        f"- device {env.get('device')}, {env.get('threads')} threads; "
+        + ", ".join(f"{k} {v}" for k, v in sorted(env.get("packages", {}).items())),
+        f"- top-1 accuracy of the model: {format_number(accuracy)} on {labelled} labelled images",
+    ]
+    done = len(folder.finished_units())
+    if done < header.units_total:
+        lines.append(f"- **incomplete**: {done} of {header.units_total} units finished")
+    if not failed.empty:
+        lines.append(f"- failures: {len(failed)} (image, explainer, metric) cells failed; "
+                     "see rows.jsonl")
+    degenerate = frame[(frame.degenerate) & (frame.status == "ok")]
+    if not degenerate.empty:
+        count = degenerate[["image", "explainer", "layer"]].drop_duplicates().shape[0]
+        lines.append(f"- degenerate maps (constant/NaN/Inf, scored as all-zero): {count}")
+    lines.append("")
+    if not table.empty:
+        head, body = wide_table(table)
+        lines += [_markdown_table(head, body), ""]
+    return "\n".join(lines), table
+
+
+def _layers(header: RunHeader) -> str:
+    layers = header.config.get("layers")
+    return layers if layers not in (None, "", "last") else header.model.get("default_layer", "")
+
+
+LEGEND = (
+    "Cells: mean over images [95% bootstrap interval]; time: median seconds per image (IQR). "
+    "↓ lower is better, ↑ higher is better. **bold**: best in the column; ≈: not significantly "
+    "different from the best (paired bootstrap over the same images, 95%). Regenerate with "
+    "`xbench leaderboard`; never edit by hand."
+)
+
+
+def render(results: Path) -> tuple[str, str]:
+    """(LEADERBOARD.md text, leaderboard.csv text) for all runs under ``results``."""
+    sections, tables = [], []
+    for folder in find_runs(results):
+        text, table = run_section(folder)
+        sections.append(text)
+        table.insert(0, "run", folder.header().run_name)
+        tables.append(table)
+    markdown = "# xbench leaderboard\n\n" + LEGEND + "\n\n" + "\n".join(sections)
+    if not sections:
+        markdown += "No runs yet: `xbench run` writes one.\n"
+    frame = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame()
+    csv = frame.to_csv(index=False, float_format="%.6g", lineterminator="\n")
+    return markdown.rstrip("\n") + "\n", csv
+
+
+def write(results: Path) -> list[Path]:
+    markdown, csv = render(results)
+    md_path, csv_path = results / LEADERBOARD_MD, results / LEADERBOARD_CSV
+    md_path.write_text(markdown, encoding="utf-8")
+    csv_path.write_text(csv, encoding="utf-8")
+    return [md_path, csv_path]
+
+
+def check(results: Path) -> list[str]:
+    """Names of leaderboard files that differ from what the records regenerate."""
+    markdown, csv = render(results)
+    stale = []
+    for name, expected in ((LEADERBOARD_MD, markdown), (LEADERBOARD_CSV, csv)):
+        path = results / name
+        if not path.exists() or path.read_text(encoding="utf-8") != expected:
+            stale.append(str(path))
+    return stale

@@ -1,0 +1,501 @@
+"""The runner: scores the explainer x metric matrix on a dataset and records every row.
+
+Work is split into *units*: one batch of images x one (explainer, layer). A unit's rows are
+appended durably before the unit is marked finished (see :mod:`xbench.records`), so a run
+interrupted at any point resumes with ``--resume`` and ends with the same rows, in the same
+order, as an uninterrupted run. Failures (an unreadable image, an explainer or metric that
+raises, a wrong-shaped or non-finite map) are recorded as rows and never stop the run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import inspect
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from xbench import PROTOCOL_VERSION, __version__
+from xbench.base import Explainer, Metric, MetricBatch
+from xbench.data import Dataset, ImageItem, load_image, open_dataset
+from xbench.environment import environment, resolve_device, short_versions
+from xbench.errors import UserError
+from xbench.model import ClassifierHandle
+from xbench.plugins import Registry
+from xbench.profiles import PROFILES, plugin_options
+from xbench.records import SCHEMA_VERSION, ResultRow, RunFolder, RunHeader
+from xbench.saliency import normalize_maps
+from xbench.timing import Stopwatch
+
+DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+TARGET_RULES = ("predicted", "label")
+CURVE_DECIMALS = 6
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything that determines the rows of a run (the resolved form goes into run.json)."""
+
+    explainers: str = "all"
+    metrics: str = "all"
+    model: str = "efficientnet-lite0"
+    data: str = "sample"
+    labels: str | None = None
+    limit: int | None = None
+    seed: int = 0
+    device: str = "auto"
+    dtype: str = "fp32"
+    batch_size: int = 8
+    profile: str = "auto"
+    layers: str | None = None
+    weights: str | None = None
+    target_rule: str = "predicted"
+    channels_last: bool = True
+    options: tuple[str, ...] = ()
+    checkpoint: str | None = None
+    member: str | None = None
+
+
+@dataclass
+class RunSummary:
+    folder: RunFolder
+    header: RunHeader
+    units_done: int
+    units_skipped: int
+    failed_cells: int
+    failed_images: int
+    messages: list[str] = field(default_factory=list)
+
+
+def parse_options(items: tuple[str, ...]) -> dict[str, dict[str, Any]]:
+    """['rise.n_masks=1000', ...] -> {'rise': {'n_masks': 1000}} (values parsed as Python
+    literals when they parse, else kept as strings)."""
+    import ast
+
+    out: dict[str, dict[str, Any]] = {}
+    for item in items:
+        head, sep, raw = item.partition("=")
+        plugin, dot, key = head.partition(".")
+        if not sep or not dot or not plugin or not key:
+            raise UserError(f"--option {item!r}: expected PLUGIN.KEY=VALUE, e.g. rise.n_masks=1000")
+        try:
+            value = ast.literal_eval(raw)
+        except (ValueError, SyntaxError):
+            value = raw
+        out.setdefault(plugin, {})[key] = value
+    return out
+
+
+def _accepts(cls: type, option: str) -> bool:
+    params = inspect.signature(cls.__init__).parameters
+    return option in params
+
+
+def _instantiate(kind: str, cls: type, **kwargs: Any) -> Any:
+    try:
+        return cls(**kwargs)
+    except TypeError as exc:
+        raise UserError(f"{kind} {cls.name!r}: bad options {kwargs}: {exc}") from exc
+    except ValueError as exc:
+        raise UserError(f"{kind} {cls.name!r}: {exc}") from exc
+
+
+class Runner:
+    """Builds everything a run needs from a RunConfig and executes the matrix."""
+
+    def __init__(self, config: RunConfig, registry: Registry, out: Path, name: str | None = None,
+                 progress: Callable[..., Any] | None = None) -> None:
+        self.config = config
+        self.registry = registry
+        if config.target_rule not in TARGET_RULES:
+            raise UserError(f"--target {config.target_rule!r}: choose one of {TARGET_RULES}")
+        if config.dtype not in DTYPES:
+            raise UserError(f"--dtype {config.dtype!r}: choose one of {sorted(DTYPES)}")
+        if config.batch_size < 1:
+            raise UserError(f"--batch-size must be >= 1, got {config.batch_size}")
+        self.explainer_names = registry.select("explainer", config.explainers)
+        self.metric_names = registry.select("metric", config.metrics)
+        registry.info("model", config.model)
+        self.dataset = open_dataset(config.data, config.labels).subset(config.limit, config.seed)
+        self.profile = self._resolve_profile()
+        self.device = resolve_device(config.device)
+        self.cli_options = parse_options(config.options)
+        known = set(self.explainer_names) | set(self.metric_names) | {config.model}
+        for plugin in self.cli_options:
+            if plugin not in known:
+                from xbench.errors import did_you_mean
+
+                raise UserError(f"--option {plugin}.*: {plugin!r} is not a selected explainer, "
+                                f"metric or the model.{did_you_mean(plugin, known)}")
+        self.run_name = name or self._default_name()
+        self.folder = RunFolder(out / self.run_name)
+        self.progress = progress
+
+    # -- set-up -------------------------------------------------------------------------
+
+    def _resolve_profile(self) -> str:
+        profile = self.config.profile
+        if profile == "auto":
+            return "quick" if self.dataset.layout == "embedded" else "paper"
+        if profile not in PROFILES:
+            raise UserError(f"--profile {profile!r}: choose one of {sorted(PROFILES)} or auto")
+        return profile
+
+    def _default_name(self) -> str:
+        parts = [self.config.model, self.dataset.name, self.profile]
+        if self.config.limit is not None:
+            parts.append(f"n{self.config.limit}-s{self.config.seed}")
+        return "_".join(parts)
+
+    def _options_for(self, plugin: str, cls: type) -> dict[str, Any]:
+        options = plugin_options(self.profile, plugin)
+        options.update(self.cli_options.get(plugin, {}))
+        if self.config.checkpoint and _accepts(cls, "checkpoint"):
+            options.setdefault("checkpoint", self.config.checkpoint)
+        return options
+
+    def _load_model(self) -> ClassifierHandle:
+        cls = self.registry.model(self.config.model)
+        options = self._options_for(self.config.model, cls)
+        if self.config.member is not None:
+            if not _accepts(cls, "member"):
+                raise UserError(f"--member: model {self.config.model!r} has no members")
+            options["member"] = self.config.member
+        model = _instantiate("model", cls, weights=self.config.weights, **options)
+        loaded = model.load()
+        return ClassifierHandle(loaded, self.device, channels_last=self.config.channels_last,
+                                name=self.config.model)
+
+    def _layers(self, handle: ClassifierHandle) -> list[str]:
+        spec = self.config.layers
+        if spec in (None, "", "last"):
+            return [handle.default_layer]
+        layers = [s.strip() for s in spec.split(",") if s.strip()]
+        for layer in layers:
+            handle.layer(layer)  # raises with "did you mean" for unknown names
+        return layers
+
+    def _explainers(self, layers: list[str]) -> list[tuple[str, Explainer]]:
+        out = []
+        for name in self.explainer_names:
+            cls = self.registry.explainer(name)
+            options = self._options_for(name, cls)
+            for layer in (layers if cls.uses_layer else ["-"]):
+                instance = _instantiate("explainer", cls, layer=None if layer == "-" else layer,
+                                        seed=self.config.seed, **options)
+                out.append((layer, instance))
+        return out
+
+    def _metrics(self) -> list[Metric]:
+        return [_instantiate("metric", cls, **self._options_for(name, cls))
+                for name in self.metric_names
+                for cls in [self.registry.metric(name)]]
+
+    def resolved_config(self) -> dict[str, Any]:
+        config = dataclasses.asdict(self.config)
+        config.update(explainers=self.explainer_names, metrics=self.metric_names,
+                      profile=self.profile, options=list(self.config.options),
+                      plugin_options={name: self._options_for(name, self.registry.get(kind, name))
+                                      for kind, names in (("explainer", self.explainer_names),
+                                                          ("metric", self.metric_names))
+                                      for name in names})
+        return config
+
+    def _header(self, handle: ClassifierHandle, units_total: int) -> RunHeader:
+        loaded = handle.loaded
+        return RunHeader(
+            schema_version=SCHEMA_VERSION, run_name=self.run_name, xbench_version=__version__,
+            protocol=PROTOCOL_VERSION, profile=self.profile, config=self.resolved_config(),
+            model={"name": self.config.model, "weights": loaded.weights,
+                   "input_size": loaded.input_size, "resize_size": loaded.resize_size,
+                   "mean": list(loaded.mean), "std": list(loaded.std),
+                   "default_layer": loaded.default_layer},
+            dataset={"name": self.dataset.name, "layout": self.dataset.layout,
+                     "root": self.dataset.root, "images": len(self.dataset.items),
+                     "subset_hash": self.dataset.subset_hash, "limit": self.config.limit,
+                     "seed": self.config.seed},
+            environment=environment(self.device), plugins=self.registry.versions(),
+            units_total=units_total,
+        )
+
+    # -- execution ----------------------------------------------------------------------
+
+    def batches(self) -> list[tuple[int, tuple[ImageItem, ...]]]:
+        items = self.dataset.items
+        size = self.config.batch_size
+        return [(b, items[i:i + size]) for b, i in enumerate(range(0, len(items), size))]
+
+    def run(self, resume: bool = False, overwrite: bool = False,
+            shard: tuple[int, int] = (0, 1)) -> RunSummary:
+        """Execute (or finish) the run; ``shard`` = (rank, world size) takes every world-th batch."""
+        torch.manual_seed(self.config.seed)
+        self._check_folder(resume, overwrite)
+        handle = self._load_model()
+        layers = self._layers(handle)
+        explainers = self._explainers(layers)
+        metrics = self._metrics()
+        batches = self.batches()
+        units_total = len(batches) * (1 + len(explainers))
+        header = self._header(handle, units_total)
+        self.folder.acquire_lock()
+        try:
+            if resume and self.folder.exists():
+                self._check_same_run(header)
+                done = self.folder.completed_units()
+            else:
+                self.folder.write_header(header)
+                done = {}
+            summary = RunSummary(self.folder, header, 0, len(done), 0, 0)
+            self._warm_up(handle, explainers)
+            rank, world = shard
+            mine = [b for b in batches if b[0] % world == rank]
+            with self._progress(len(mine) * (1 + len(explainers)), len(done)) as advance:
+                for index, items in mine:
+                    self._run_batch(handle, index, items, explainers, metrics, done, summary,
+                                    advance)
+        finally:
+            self.folder.release_lock()
+        return summary
+
+    def _check_folder(self, resume: bool, overwrite: bool) -> None:
+        if not self.folder.exists() or overwrite:
+            return
+        if not resume:
+            raise UserError(
+                f"{self.folder.path} already holds a run. Use --resume to finish it (finished "
+                f"units are kept), --overwrite to start again, or --name/--out for a new run.")
+
+    def _check_same_run(self, header: RunHeader) -> None:
+        old = self.folder.header()
+        ignore = {"device"}  # 'auto' may resolve differently; the resolved device is below
+        mismatched = sorted(k for k in set(old.config) | set(header.config)
+                            if k not in ignore and old.config.get(k) != header.config.get(k))
+        if old.dataset.get("subset_hash") != header.dataset["subset_hash"]:
+            mismatched.append("dataset (subset hash)")
+        if old.environment.get("device") != header.environment["device"]:
+            mismatched.append("device")
+        if mismatched:
+            raise UserError(f"--resume: {self.folder.path} was started with different settings "
+                            f"({', '.join(mismatched)}); resume with the original command or use "
+                            f"--overwrite / a new --name.")
+
+    def _warm_up(self, handle: ClassifierHandle, explainers: list[tuple[str, Explainer]]) -> None:
+        """One forward+backward (kernel selection, allocator) and each explainer's one-time
+        set-up, so that neither is billed to the first timed image (PROTOCOL.md "Cost")."""
+        size = handle.input_size
+        x = torch.rand(1, 3, size, size, device=self.device, requires_grad=True)
+        with torch.enable_grad():
+            handle(x).max().backward()
+        shape = (3, size, size)
+        for _, explainer in explainers:
+            prepare = getattr(explainer, "prepare", None)
+            if prepare is not None:
+                prepare(handle, shape)
+        handle.zero_grad(set_to_none=True)
+
+    @contextlib.contextmanager
+    def _progress(self, total: int, already: int) -> Iterator[Callable[[str], None]]:
+        if self.progress is None:
+            yield lambda description: None
+            return
+        with self.progress(total=total, completed=0, description=self.run_name) as advance:
+            yield advance
+
+    def _base_row(self, handle: ClassifierHandle) -> dict[str, Any]:
+        return dict(run=self.run_name, protocol=PROTOCOL_VERSION, profile=self.profile,
+                    target_rule=self.config.target_rule, model=self.config.model,
+                    dataset_hash=self.dataset.subset_hash, seed=self.config.seed,
+                    device=self.device.type, dtype=self.config.dtype,
+                    batch_size=self.config.batch_size, versions=short_versions())
+
+    def _run_batch(self, handle: ClassifierHandle, index: int, items: tuple[ImageItem, ...],
+                   explainers: list[tuple[str, Explainer]], metrics: list[Metric],
+                   done: dict[str, int], summary: RunSummary, advance: Callable[[str], None]) -> None:
+        base = self._base_row(handle)
+        data_unit = f"batch{index:06d}:data"
+        pending = [(layer, e) for layer, e in explainers
+                   if self._unit(index, e, layer) not in done]
+        if data_unit in done and not pending:
+            for _ in range(1 + len(explainers)):
+                advance("skipped (done)")
+            return
+        loaded, data_rows = self._load_batch(handle, items, base)
+        if data_unit not in done:
+            self.folder.append_unit(data_unit, data_rows)
+            summary.units_done += 1
+            summary.failed_images += sum(r.status != "ok" for r in data_rows)
+        advance("images")
+        for layer, explainer in explainers:
+            unit = self._unit(index, explainer, layer)
+            if unit in done:
+                advance("skipped (done)")
+                continue
+            rows = self._explain_unit(handle, loaded, explainer, layer, metrics, base)
+            self.folder.append_unit(unit, rows)
+            summary.units_done += 1
+            summary.failed_cells += sum(r.status != "ok" for r in rows)
+            advance(explainer.name)
+
+    @staticmethod
+    def _unit(index: int, explainer: Explainer, layer: str) -> str:
+        return f"batch{index:06d}:{explainer.name}:{layer}"
+
+    def _load_batch(self, handle: ClassifierHandle, items: tuple[ImageItem, ...],
+                    base: dict[str, Any]) -> tuple[dict[str, Any] | None, list[ResultRow]]:
+        """Read and classify a batch: (tensors of the usable images, one row per image)."""
+        loaded = handle.loaded
+        tensors, good, rows_by_item = [], [], {}
+        for position, item in enumerate(items):
+            try:
+                tensors.append(load_image(item.path, loaded.resize_size, loaded.input_size))
+                good.append(position)
+            except Exception as exc:  # noqa: BLE001 - any decoder error is this file's failure
+                rows_by_item[position] = self._row(base, item, None, None, "", "", "",
+                                                   "confidence", "", "higher", None, "failed",
+                                                   error=f"cannot read {item.path}: "
+                                                         f"{type(exc).__name__}: {exc}")
+        if not good:
+            return None, [rows_by_item[p] for p in sorted(rows_by_item)]
+        images = torch.stack(tensors).to(self.device)
+        probs = handle.probabilities(images, batch_size=self.config.batch_size).float()
+        predicted = probs.argmax(dim=1)
+        keep, targets = [], []
+        for row_index, position in enumerate(good):
+            item = items[position]
+            pred = int(predicted[row_index])
+            target = pred if self.config.target_rule == "predicted" else item.label
+            if target is None:
+                rows_by_item[position] = self._row(
+                    base, item, pred, None, "", "", "", "confidence", "", "higher", None,
+                    "failed", error=f"{item.id}: no label, needed by --target label")
+                continue
+            keep.append(row_index)
+            targets.append(target)
+            rows_by_item[position] = self._row(base, item, pred, target, "", "", "",
+                                               "confidence", "", "higher",
+                                               float(probs[row_index, target]))
+        rows = [rows_by_item[p] for p in sorted(rows_by_item)]
+        if not keep:
+            return None, rows
+        keep_t = torch.tensor(keep, device=self.device)
+        target_t = torch.tensor(targets, device=self.device)
+        batch = {"items": [items[good[k]] for k in keep], "images": images[keep_t],
+                 "targets": target_t, "predicted": predicted[keep_t],
+                 "clean_probs": probs[keep_t].gather(1, target_t[:, None])[:, 0]}
+        return batch, rows
+
+    def _row(self, base: dict[str, Any], item: ImageItem, predicted: int | None,
+             target: int | None, explainer: str, explainer_variant: str, layer: str,
+             metric: str, variant: str, direction: str,
+             value: float | None, status: str = "ok", error: str = "", degenerate: bool = False,
+             curve: tuple[float, ...] | None = None) -> ResultRow:
+        return ResultRow(image=item.id, index=self._index[item.id], label=item.label, predicted=predicted,
+                         target=target, explainer=explainer, explainer_variant=explainer_variant,
+                         layer=layer, metric=metric, variant=variant, direction=direction,
+                         value=value, status=status, degenerate=degenerate, error=error,
+                         curve=curve, **base)
+
+    @functools.cached_property
+    def _index(self) -> dict[str, int]:
+        """Position of each image in the (sub)dataset, recorded in its rows."""
+        return {item.id: i for i, item in enumerate(self.dataset.items)}
+
+    def _explain_unit(self, handle: ClassifierHandle, batch: dict[str, Any] | None,
+                      explainer: Explainer, layer: str, metrics: list[Metric],
+                      base: dict[str, Any]) -> list[ResultRow]:
+        if batch is None:
+            return []
+        try:
+            return self._explain_and_score(handle, batch, explainer, layer, metrics, base)
+        except Exception as exc:  # noqa: BLE001 - a plugin failure is recorded, not fatal
+            if len(batch["items"]) == 1:
+                item = batch["items"][0]
+                return [self._row(base, item, int(batch["predicted"][0]),
+                                  int(batch["targets"][0]), explainer.name, explainer.variant,
+                                  layer, "", "", "", None, "failed",
+                                  error=f"explainer {explainer.name!r} on {item.id}: "
+                                        f"{type(exc).__name__}: {exc}")]
+        # Retry image by image, so one bad image does not cost the whole batch its scores.
+        rows = []
+        for i in range(len(batch["items"])):
+            single = {k: (v[i:i + 1]) for k, v in batch.items()}
+            rows.extend(self._explain_unit(handle, single, explainer, layer, metrics, base))
+        return rows
+
+    def _explain_and_score(self, handle: ClassifierHandle, batch: dict[str, Any],
+                           explainer: Explainer, layer: str, metrics: list[Metric],
+                           base: dict[str, Any]) -> list[ResultRow]:
+        images, targets, items = batch["images"], batch["targets"], batch["items"]
+        n = len(items)
+        grad_mode = torch.enable_grad() if explainer.needs_gradients else torch.no_grad()
+        autocast = (torch.autocast(self.device.type, dtype=DTYPES[self.config.dtype])
+                    if DTYPES[self.config.dtype] is not None else contextlib.nullcontext())
+        with handle.counting() as counts, Stopwatch(self.device) as watch, grad_mode, autocast:
+            maps = explainer.explain(handle, images, targets)
+        _check_maps(explainer.name, maps, n, handle.device)
+        handle.zero_grad(set_to_none=True)
+        saliency, degenerate = normalize_maps(maps, (images.shape[-2], images.shape[-1]))
+        per_image = lambda total: torch.full((n,), total / n, dtype=torch.float64)  # noqa: E731
+        metric_batch = MetricBatch(
+            model=handle, images=images, targets=targets, saliency=saliency,
+            degenerate=degenerate, clean_probs=batch["clean_probs"],
+            explain_forward=per_image(counts["forward"]),
+            explain_backward=per_image(counts["backward"]),
+            explain_seconds=per_image(watch.seconds))
+        rows: list[ResultRow] = []
+        for metric in metrics:
+            rows.extend(self._score(metric, metric_batch, batch, explainer, layer, base))
+        return rows
+
+    def _score(self, metric: Metric, metric_batch: MetricBatch, batch: dict[str, Any],
+               explainer: Explainer, layer: str, base: dict[str, Any]) -> list[ResultRow]:
+        items = batch["items"]
+        common = lambda i: dict(  # noqa: E731
+            base=base, item=items[i], predicted=int(batch["predicted"][i]),
+            target=int(batch["targets"][i]), explainer=explainer.name,
+            explainer_variant=explainer.variant, layer=layer,
+            metric=metric.name, direction=metric.direction)
+        try:
+            with torch.no_grad():
+                scores = metric.score(metric_batch)
+            for variant, values in scores.items():
+                if tuple(values.shape) != (len(items),):
+                    raise ValueError(f"returned shape {tuple(values.shape)} for variant "
+                                     f"{variant!r}; expected ({len(items)},)")
+        except Exception as exc:  # noqa: BLE001 - a metric failure is recorded, not fatal
+            return [self._row(**common(i), variant="", value=None, status="failed",
+                              error=f"metric {metric.name!r}: {type(exc).__name__}: {exc}")
+                    for i in range(len(items))]
+        rows = []
+        for variant, values in scores.items():
+            curves = metric_batch.curves.get((metric.name, variant))
+            for i in range(len(items)):
+                value = float(values[i])
+                degenerate = bool(metric_batch.degenerate[i]) and metric.kind == "faithfulness"
+                curve = None
+                if curves is not None:
+                    curve = tuple(round(float(v), CURVE_DECIMALS) for v in curves[i])
+                if math.isfinite(value):
+                    rows.append(self._row(**common(i), variant=variant, value=value,
+                                          degenerate=degenerate, curve=curve))
+                else:
+                    rows.append(self._row(**common(i), variant=variant, value=None,
+                                          status="failed", degenerate=degenerate,
+                                          error=f"metric {metric.name!r} gave {value}"))
+        return rows
+
+
+def _check_maps(name: str, maps: Any, n: int, device: torch.device) -> None:
+    if not isinstance(maps, torch.Tensor):
+        raise TypeError(f"explainer {name!r} returned {type(maps).__name__}, expected a tensor")
+    if maps.dim() != 3 or maps.shape[0] != n:
+        raise ValueError(f"explainer {name!r} returned shape {tuple(maps.shape)}, "
+                         f"expected ({n}, h, w)")
+    if maps.device != device:
+        raise ValueError(f"explainer {name!r} returned maps on {maps.device}, expected {device}")
