@@ -18,6 +18,8 @@ def package_versions(names: tuple[str, ...] = ("xbench", "torch", "torchvision",
             out[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
             out[name] = "not installed"
+    if "torch" in out:
+        out["torch"] = torch.__version__  # includes the build (+cpu, +cu130), metadata does not
     return out
 
 

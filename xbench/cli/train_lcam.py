@@ -50,6 +50,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--limit", type=int, default=None, help="use a seeded subset of N images")
     parser.add_argument("--checkpoint-every", type=int, default=1, metavar="EPOCHS")
     parser.add_argument("--resume", action="store_true", help="continue training from --out")
+    parser.add_argument("--ship", default=None, metavar="FILE",
+                        help="also write a compact copy (fp16 head, no training state) at the end, "
+                             "e.g. plugins/assets/lcam-fm_efficientnet-lite0.pt")
+    parser.add_argument("--init", default=None, metavar="CKPT",
+                        help="start from the head weights of another checkpoint for the same model "
+                             "and layer (e.g. an L-CAM-Img head from a trained L-CAM-Fm head)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--lambda-ce", type=float, default=1.5, help="cross-entropy weight")
     parser.add_argument("--lambda-area", type=float, default=2.0, help="average-mask weight")
@@ -91,6 +97,8 @@ def run(args: argparse.Namespace) -> int:
     optimizer = lcam.make_optimizer(head, config)
     out = Path(args.out)
     start_epoch = 0
+    if args.init and not args.resume:
+        warm_start(Path(args.init), head, args.model, layer, console)
     if args.resume:
         start_epoch = restore(out, head, optimizer, generator, args.model, layer, config, console)
 
@@ -100,7 +108,7 @@ def run(args: argparse.Namespace) -> int:
         seed=config.seed, data=f"{dataset.name} ({len(items)} images, subset {dataset.subset_hash})",
         loss_weights={k: float(v) for k, v in vars(config.loss).items()},
         notes=f"optimizer={config.optimizer} lr={config.lr} wd={config.weight_decay} "
-              f"batch={config.batch_size} views={config.views}")
+              f"batch={config.batch_size} views={config.views} init={args.init or 'random'}")
 
     features = None
     if config.variant == "fm":
@@ -122,6 +130,9 @@ def run(args: argparse.Namespace) -> int:
                 lcam.save_checkpoint(out, head, info, training={
                     "epoch": epoch + 1, "optimizer": optimizer.state_dict(),
                     "generator": generator.get_state(), "last": summary})
+    if args.ship:
+        lcam.save_checkpoint(args.ship, head, info, half=True)
+        console.print(f"wrote the compact head {args.ship}")
     console.print(f"wrote {out} after {time.perf_counter() - started:.0f} s of training")
     return 0
 
@@ -211,6 +222,17 @@ def restore(out, head, optimizer, generator, model_name, layer, config, console)
     generator.set_state(training["generator"])
     console.print(f"resuming from {out} after epoch {training['epoch']}")
     return int(training["epoch"])
+
+
+def warm_start(path: Path, head, model_name: str, layer: str, console: Console) -> None:
+    from xbench_plugins.lcam import load_checkpoint
+
+    loaded, info, _ = load_checkpoint(path)
+    if (info.model, info.layer) != (model_name, layer) or loaded.conv.weight.shape != head.conv.weight.shape:
+        raise UserError(f"--init: {path} holds a head for {info.model} layer {info.layer!r}, "
+                        f"not for {model_name} layer {layer!r}")
+    head.load_state_dict(loaded.state_dict())
+    console.print(f"initialised the head from {path} ({info.variant}, {info.epochs_done} epochs)")
 
 
 def progress_bar(console: Console) -> Progress:

@@ -1,0 +1,396 @@
+"""``xbench train mutual-transfer``: two students with local attention map mutual transfer.
+
+Cheng, Wang, Cui, Zhan, Computer Science 49(5):64-70, 2022; the method lives in
+``xbench_plugins.mutual_transfer``. This module turns datasets into in-memory image sets,
+runs (and resumes) the training with progress on stderr, and writes checkpoints that the
+``mutual-transfer`` Model plugin reads (``--model mutual-transfer --checkpoint CKPT --member st1``).
+
+``--compare`` trains the three rows of the paper's Table 1 from the same starting point
+(independent training = beta 0, global transfer = lambda -1, local transfer = --lambda) and
+prints their held-out accuracies.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from rich.console import Console
+from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                           TimeRemainingColumn)
+from rich.table import Table
+
+from xbench.errors import UserError
+
+BUILTIN_DATA = ("digits", "cifar10", "cifar100")
+DIGITS_TEST_FRACTION = 0.3
+DIGITS_SPLIT_SEED = 0  # fixed: --seed varies training only, never which digits are held out
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from xbench_plugins.mutual_transfer import ARCHS
+
+    parser.description = (
+        "Train ST1 (with prior knowledge) and ST2 together; regions of their attention maps whose "
+        "Pearson correlation exceeds --lambda transfer in both directions (Cheng et al. 2022).")
+    parser.epilog = ("Demo (a few minutes on 2 CPU cores): xbench train mutual-transfer --data digits "
+                     "--compare --out runs/mt-digits")
+    parser.add_argument("--st1", default="small-wrn", choices=ARCHS,
+                        help="student 1, the one with prior knowledge (default small-wrn)")
+    parser.add_argument("--st2", default="small-mobilenet", choices=ARCHS,
+                        help="student 2 (default small-mobilenet)")
+    parser.add_argument("--data", default="digits", metavar="PATH|digits|cifar10|cifar100",
+                        help="training data: scikit-learn digits (embedded, held-out 30%% split), "
+                             "CIFAR-10/100 from --data-root, or an image folder (default digits)")
+    parser.add_argument("--data-root", default="data", metavar="DIR",
+                        help="folder holding cifar-10-batches-py / cifar-100-python (never downloaded)")
+    parser.add_argument("--val-data", metavar="PATH",
+                        help="evaluation images for a folder --data (e.g. ../shared/data/ilsvrc2012_val_1000)")
+    parser.add_argument("--limit", type=int, metavar="N", help="train on a seeded subset of N images")
+    parser.add_argument("--val-limit", type=int, metavar="N", help="evaluate on a seeded subset of N images")
+    parser.add_argument("--lambda", dest="lam", type=float, default=0.5, metavar="L",
+                        help="Pearson threshold: regions with r > L transfer; -1 = global transfer (default 0.5)")
+    parser.add_argument("--beta", type=float, default=1.0, metavar="B",
+                        help="weight of the transfer term, loss = CE + B/2 * sum (default 1)")
+    parser.add_argument("--epochs", type=int, default=4, metavar="E", help="mutual-training epochs (default 4)")
+    parser.add_argument("--grid", default="2x2", metavar="RxC",
+                        help="local regions per attention map, rows x cols (default 2x2, k = 4)")
+    parser.add_argument("--seed", type=int, default=0, help="seeds initialisation, data order, flips, dropout")
+    parser.add_argument("--lr", type=float, metavar="LR",
+                        help="SGD learning rate, cosine-annealed (default 0.05 for small nets, 0.001 "
+                             "when fine-tuning pretrained EfficientNet-Lite students)")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--pretrain-epochs", type=int, metavar="N",
+                        help="cross-entropy epochs giving a from-scratch ST1 its prior knowledge before "
+                             "mutual training (default 2 for small nets, 0 for ImageNet-pretrained ST1)")
+    parser.add_argument("--freeze-bn", action="store_true",
+                        help="keep BatchNorm running statistics fixed (advised when fine-tuning "
+                             "pretrained students with small batches)")
+    parser.add_argument("--target-grad", action="store_true",
+                        help="ablation: let gradients flow into the other student's map too "
+                             "(default: the other's map is a constant target)")
+    parser.add_argument("--compare", action="store_true",
+                        help="train the Table-1 rows (independent, global, local) from one starting "
+                             "point; --out is then a folder")
+    parser.add_argument("--out", required=True, metavar="CKPT",
+                        help="checkpoint path (a folder with --compare); written after every epoch")
+    parser.add_argument("--resume", action="store_true", help="continue from --out if it exists")
+    parser.add_argument("--threads", type=int, metavar="N", help="torch CPU threads")
+
+
+# ---------------------------------------------------------------------------------------------
+# Data
+# ---------------------------------------------------------------------------------------------
+
+def load_digits_split() -> tuple[Any, Any]:
+    """scikit-learn's 1797 8x8 digits, upsampled to 32x32 (bilinear), greyscale copied to RGB,
+    split 70/30 stratified with a fixed seed."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    from xbench_plugins.mutual_transfer import ImageSet
+
+    digits = load_digits()
+    pixels = torch.tensor(digits.images, dtype=torch.float32)[:, None] / 16.0  # values 0..16
+    pixels = F.interpolate(pixels, size=(32, 32), mode="bilinear", align_corners=False)
+    images = (pixels.clamp(0, 1) * 255).round().to(torch.uint8).expand(-1, 3, -1, -1).contiguous()
+    labels = torch.tensor(digits.target, dtype=torch.long)
+    train_idx, test_idx = train_test_split(torch.arange(len(labels)).numpy(), test_size=DIGITS_TEST_FRACTION,
+                                           stratify=labels.numpy(), random_state=DIGITS_SPLIT_SEED)
+    names = tuple(str(i) for i in range(10))
+    return (ImageSet(images[train_idx], labels[train_idx], names, "digits-train"),
+            ImageSet(images[test_idx], labels[test_idx], names, "digits-test"))
+
+
+def load_cifar(name: str, root: str) -> tuple[Any, Any]:
+    """CIFAR-10/100 through torchvision from ``root`` (download=False: never a network call)."""
+    import torchvision
+
+    from xbench_plugins.mutual_transfer import ImageSet
+
+    cls = torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100
+    folder = "cifar-10-batches-py" if name == "cifar10" else "cifar-100-python"
+    sets = []
+    for train in (True, False):
+        try:
+            ds = cls(root, train=train, download=False)
+        except RuntimeError as exc:
+            raise UserError(
+                f"--data {name}: not found under --data-root {root} (expected {Path(root) / folder}). "
+                f"xbench never downloads it during training; on a machine with internet run "
+                f"python -c \"import torchvision; torchvision.datasets.{cls.__name__}('{root}', "
+                f"download=True)\" and copy the folder here ({exc})") from None
+        images = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()
+        sets.append(ImageSet(images, torch.tensor(ds.targets, dtype=torch.long), tuple(ds.classes),
+                             f"{name}-{'train' if train else 'test'}", flip=True))
+    return sets[0], sets[1]
+
+
+def _class_names(dataset: Any) -> tuple[str, ...]:
+    from xbench_plugins.imagenet_meta import class_names
+
+    if dataset.layout.startswith("class folders (sorted names)"):
+        root = Path(dataset.root)
+        return tuple(sorted(p.name for p in root.iterdir() if p.is_dir()))
+    if "ImageNet" in dataset.layout or "wnid" in dataset.layout or dataset.is_ilsvrc_val:
+        return class_names()
+    labels = [i.label for i in dataset.items if i.label is not None]
+    return tuple(str(i) for i in range(max(labels) + 1))
+
+
+def load_folder(path: str, resize_size: int, crop_size: int, limit: int | None, seed: int,
+                class_names: tuple[str, ...] | None, console: Console) -> Any:
+    """An image folder (any layout xbench.data.open_dataset understands) as an in-memory ImageSet.
+
+    Images are read with the protocol's resize/center-crop (short side ``resize_size``, crop
+    ``crop_size``); unlabelled files are skipped with a note.
+    """
+    from xbench.data import load_image, open_dataset
+    from xbench_plugins.mutual_transfer import ImageSet
+
+    dataset = open_dataset(path).subset(limit, seed)
+    names = class_names or _class_names(dataset)
+    items = [i for i in dataset.items if i.label is not None]
+    if not items:
+        raise UserError(f"--data {path}: no labelled images ({dataset.layout}); use class folders "
+                        "or a labels.csv with columns file,label")
+    if len(items) < len(dataset.items):
+        console.print(f"[yellow]note[/]: {len(dataset.items) - len(items)} unlabelled images in {path} skipped")
+    bad = [i.id for i in items if i.label >= len(names)]
+    if bad:
+        raise UserError(f"--data {path}: labels of {bad[:3]} exceed the {len(names)} classes of the training data")
+    images = torch.empty(len(items), 3, crop_size, crop_size, dtype=torch.uint8)
+    with _progress(console) as progress:
+        task = progress.add_task(f"reading {Path(path).name}", total=len(items), stats="")
+        for k, item in enumerate(items):
+            try:
+                images[k] = (load_image(item.path, resize_size, crop_size) * 255).round().to(torch.uint8)
+            except (OSError, ValueError) as exc:
+                raise UserError(f"--data {path}: cannot read {item.path}: {exc}") from exc
+            progress.advance(task)
+    labels = torch.tensor([i.label for i in items], dtype=torch.long)
+    return ImageSet(images, labels, names, Path(path).name, flip=True)
+
+
+def load_data(args: argparse.Namespace, students_input: tuple[int, int], console: Console) -> tuple[Any, Any]:
+    """(train set, evaluation set or None) for ``--data`` / ``--val-data``."""
+    if args.data == "digits":
+        train, test = load_digits_split()
+    elif args.data in ("cifar10", "cifar100"):
+        train, test = load_cifar(args.data, args.data_root)
+    else:
+        resize, crop = students_input
+        train = load_folder(args.data, resize, crop, args.limit, args.seed, None, console)
+        test = None
+        if args.val_data:
+            test = load_folder(args.val_data, resize, crop, args.val_limit, 0, train.class_names, console)
+        return train, test
+    if args.val_data:
+        raise UserError(f"--val-data is for folder datasets; --data {args.data} has its own test split")
+    return _limit(train, args.limit, args.seed), _limit(test, args.val_limit, 0)
+
+
+def _limit(data: Any, limit: int | None, seed: int) -> Any:
+    if limit is None or limit >= len(data):
+        return data
+    if limit <= 0:
+        raise UserError(f"--limit/--val-limit must be positive, got {limit}")
+    index = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))[:limit].sort().values
+    return type(data)(data.images[index], data.labels[index], data.class_names, data.name, data.flip)
+
+
+# ---------------------------------------------------------------------------------------------
+# Runs
+# ---------------------------------------------------------------------------------------------
+
+def _progress(console: Console) -> Progress:
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[stats]}"),
+                    console=console, transient=False)
+
+
+def make_config(args: argparse.Namespace, lam: float | None = None, beta: float | None = None) -> Any:
+    from xbench_plugins.mutual_transfer import SMALL_ARCHS, TrainConfig, parse_grid
+
+    small_st1 = args.st1 in SMALL_ARCHS
+    both_small = small_st1 and args.st2 in SMALL_ARCHS
+    pretrain = args.pretrain_epochs if args.pretrain_epochs is not None else (2 if small_st1 else 0)
+    for option, value in (("--epochs", args.epochs), ("--batch-size", args.batch_size)):
+        if value < 1:
+            raise UserError(f"{option} must be at least 1, got {value}")
+    if pretrain < 0:
+        raise UserError(f"--pretrain-epochs must be >= 0, got {pretrain}")
+    return TrainConfig(
+        st1=args.st1, st2=args.st2, data=args.data, lam=args.lam if lam is None else lam,
+        beta=args.beta if beta is None else beta, epochs=args.epochs, grid=parse_grid(args.grid),
+        seed=args.seed, lr=args.lr if args.lr is not None else (0.05 if both_small else 0.001),
+        batch_size=args.batch_size, pretrain_epochs=pretrain, freeze_bn=args.freeze_bn,
+        detach_target=not args.target_grad)
+
+
+def initial_students(config: Any, train: Any, console: Console) -> tuple[dict[str, Any], list[dict]]:
+    """ST1 (ImageNet weights, or ``pretrain_epochs`` of CE on the training data) and a seeded ST2."""
+    from xbench_plugins.mutual_transfer import build_student, pretrain
+
+    n = len(train.class_names)
+    st1 = build_student(config.st1, n, pretrained=True, seed=config.seed)
+    st2 = build_student(config.st2, n, pretrained=True, seed=config.seed + 1)
+    history: list[dict] = []
+    if config.pretrain_epochs:
+        steps = config.pretrain_epochs * -(-len(train) // config.batch_size)
+        with _progress(console) as progress:
+            task = progress.add_task("pretrain ST1 (prior knowledge)", total=steps, stats="")
+
+            def on_step(_phase: str, epoch: int, row: dict[str, float]) -> None:
+                progress.update(task, advance=1, stats=f"ep {epoch} loss {row['loss_st1']:.3f}")
+
+            history = pretrain(st1, train, config, on_step)
+    return {"st1": st1, "st2": st2}, history
+
+
+def evaluate_both(students: dict[str, Any], data: Any, console: Console, label: str) -> dict[str, float]:
+    from xbench_plugins.mutual_transfer import evaluate
+
+    out = {}
+    with _progress(console) as progress:
+        for name, student in students.items():
+            task = progress.add_task(f"{label}: top-1 {name} on {data.name}", total=len(data), stats="")
+            out[f"top1_{name}"] = evaluate(student, data, on_batch=lambda n, t=task: progress.advance(t, n))
+    return out
+
+
+def train_run(config: Any, start: dict[str, Any] | None, pre_history: list[dict], train: Any, test: Any,
+              out: Path, resume: bool, console: Console, tag: str = "") -> dict[str, Any]:
+    """Train (or resume) one run to ``config.epochs``, saving ``out`` after every epoch."""
+    from xbench_plugins.mutual_transfer import MutualTrainer, epoch_batches, load_students, save_checkpoint
+
+    steps = len(epoch_batches(len(train), config.batch_size, 0))
+    if resume and out.is_file():
+        students, payload = load_students(out)
+        saved = payload["config"]
+        if saved != config.as_dict():
+            diff = {k: (saved.get(k), v) for k, v in config.as_dict().items() if saved.get(k) != v}
+            raise UserError(f"--resume: {out} was trained with different settings {diff} "
+                            "(saved, requested); use another --out or the same options")
+        trainer = MutualTrainer(students["st1"], students["st2"], config, steps)
+        trainer.load_state(payload)
+        console.print(f"{tag}resuming {out} after epoch {trainer.epoch}/{config.epochs}")
+    else:
+        students = copy.deepcopy(start)
+        trainer = MutualTrainer(students["st1"], students["st2"], config, steps)
+        trainer.history = list(pre_history)
+        if test is not None:
+            trainer.history.append({"phase": "before", "epoch": 0,
+                                    **evaluate_both(students, test, console, f"{tag}before")})
+        save_checkpoint(out, students, train.class_names, trainer.state())
+    while trainer.epoch < config.epochs:
+        t0 = time.perf_counter()
+        with _progress(console) as progress:
+            task = progress.add_task(f"{tag}epoch {trainer.epoch + 1}/{config.epochs}", total=steps, stats="")
+
+            def on_step(_phase: str, _epoch: int, row: dict[str, float]) -> None:
+                progress.update(task, advance=1, stats=(
+                    f"L1 {row['loss_st1']:.3f} L2 {row['loss_st2']:.3f} kept {row['kept']:.0%}"))
+
+            row = trainer.train_epoch(train, on_step)
+        row = {"phase": "mutual", "epoch": trainer.epoch, "seconds": time.perf_counter() - t0, **row}
+        if test is not None:
+            row.update(evaluate_both(students, test, console, f"{tag}epoch {trainer.epoch}"))
+        trainer.history.append(row)
+        save_checkpoint(out, students, train.class_names, trainer.state())
+        shown = {k: round(v, 4) for k, v in row.items() if isinstance(v, float)}
+        console.print(f"{tag}epoch {trainer.epoch}: {shown}", highlight=False)
+    return {"config": config.as_dict(), "history": trainer.history, "checkpoint": str(out)}
+
+
+def _summary(result: dict[str, Any]) -> dict[str, Any]:
+    rows = [r for r in result["history"] if "top1_st1" in r]
+    before = next((r for r in rows if r["phase"] == "before"), None)
+    after = rows[-1] if rows else None
+    return {"before": before, "after": after}
+
+
+def run(args: argparse.Namespace) -> int:
+    from xbench_plugins.mutual_transfer import build_student
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    console = Console(stderr=True)
+    out = Path(args.out)
+    probe = [build_student(a, 10, pretrained=False) for a in (args.st1, args.st2)]
+    largest = max(probe, key=lambda s: s.input_size)
+    train, test = load_data(args, (largest.resize_size, largest.input_size), console)
+    console.print(f"train {train.name}: {len(train)} images, {len(train.class_names)} classes; "
+                  f"eval {test.name + f': {len(test)} images' if test is not None else 'none'}")
+    if args.compare:
+        return _compare(args, train, test, out, console)
+    config = make_config(args)
+    start, pre_history = (None, [])
+    if not (args.resume and out.is_file()):
+        start, pre_history = initial_students(config, train, console)
+    result = train_run(config, start, pre_history, train, test, out, args.resume, console)
+    summary = _summary(result)
+    table = Table(title=f"mutual transfer: lambda {config.lam}, beta {config.beta}, grid "
+                        f"{config.grid[0]}x{config.grid[1]}, seed {config.seed}")
+    table.add_column("")
+    table.add_column(f"ST1 {config.st1}")
+    table.add_column(f"ST2 {config.st2}")
+    for label in ("before", "after"):
+        if summary[label]:
+            table.add_row(f"top-1 {label}", f"{summary[label]['top1_st1']:.4f}", f"{summary[label]['top1_st2']:.4f}")
+    Console().print(table)
+    console.print(f"checkpoint: {out}  (xbench run --model mutual-transfer --checkpoint {out} --member st1)")
+    return 0
+
+
+REGIMES = ("independent", "global", "local")
+
+
+def _compare(args: argparse.Namespace, train: Any, test: Any, out: Path, console: Console) -> int:
+    """Table 1 of the paper: independent (beta 0), global (lambda -1), local (--lambda)."""
+    from xbench_plugins.mutual_transfer import load_students, save_checkpoint
+
+    if test is None:
+        raise UserError("--compare needs an evaluation set: use --data digits/cifar* or --val-data PATH")
+    out.mkdir(parents=True, exist_ok=True)
+    configs = {"independent": make_config(args, lam=-1.0, beta=0.0),
+               "global": make_config(args, lam=-1.0),
+               "local": make_config(args)}
+    initial = out / "initial.pt"
+    if args.resume and initial.is_file():
+        start, payload = load_students(initial)
+        pre_history = list(payload["history"])
+    else:
+        start, pre_history = initial_students(configs["local"], train, console)
+        save_checkpoint(initial, start, train.class_names,
+                        {"config": configs["local"].as_dict(), "epoch": 0, "history": pre_history})
+    results = {}
+    for regime in REGIMES:
+        results[regime] = train_run(configs[regime], start, pre_history, train, test,
+                                    out / f"{regime}.pt", args.resume, console, tag=f"[{regime}] ")
+    table = Table(title=(f"Table 1 shape on {train.name} -> {test.name} ({len(test)} images): top-1 after "
+                         f"{args.epochs} epochs, seed {args.seed}, grid {args.grid}, beta {args.beta}"))
+    for column in ("regime", "lambda", "beta", f"ST1 {args.st1}", f"ST2 {args.st2}", "kept regions"):
+        table.add_column(column)
+    rows = []
+    before = _summary(results["local"])["before"]
+    table.add_row("start (ST1 pretrained)", "", "", f"{before['top1_st1']:.4f}", f"{before['top1_st2']:.4f}", "")
+    for regime in REGIMES:
+        cfg, after = results[regime]["config"], _summary(results[regime])["after"]
+        table.add_row(regime, f"{cfg['lam']:g}", f"{cfg['beta']:g}", f"{after['top1_st1']:.4f}",
+                      f"{after['top1_st2']:.4f}", f"{after['kept']:.0%}")
+        rows.append({"regime": regime, "lambda": cfg["lam"], "beta": cfg["beta"],
+                     "top1_st1": after["top1_st1"], "top1_st2": after["top1_st2"], "kept": after["kept"]})
+    Console().print(table)
+    (out / "table1.json").write_text(json.dumps(
+        {"train": train.name, "test": test.name, "test_images": len(test), "seed": args.seed,
+         "epochs": args.epochs, "grid": args.grid, "start": before, "rows": rows,
+         "histories": {r: results[r]["history"] for r in REGIMES}}, indent=2))
+    console.print(f"wrote {out / 'table1.json'} and one checkpoint per regime in {out}")
+    return 0

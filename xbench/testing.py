@@ -1,0 +1,209 @@
+"""Conformance kit: the checks every Explainer, Model and Metric plugin must pass.
+
+Third-party authors call these from their own tests::
+
+    from xbench.testing import check_explainer, toy_model
+
+    def test_my_explainer_conforms():
+        check_explainer(MyExplainer)                 # on the built-in toy CNN
+        check_explainer(MyExplainer, model=my_handle, layer="layer4")
+
+Each check raises AssertionError with a message that names the plugin and what is wrong.
+xbench's built-in plugins are tested with the same functions (tests/test_conformance.py).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from xbench.base import Explainer, LoadedModel, Metric, MetricBatch, Model
+from xbench.model import ClassifierHandle
+from xbench.saliency import normalize_maps
+
+TOY_CLASSES = 10
+TOY_SIZE = 32
+
+
+class ToyCNN(nn.Module):
+    """A small CNN with the awkward parts of real models: a ReLU6 module shared by two call
+    sites (as in EfficientNet-Lite), batch norm and a plain ReLU."""
+
+    def __init__(self, classes: int = TOY_CLASSES) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.act = nn.ReLU6()  # shared: used twice per forward
+        self.block = nn.Sequential(nn.Conv2d(8, 16, 3, stride=2, padding=1), nn.ReLU())
+        self.head = nn.Conv2d(16, 16, 1)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(16, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.act(self.bn(self.stem(x)))
+        x = self.act(self.head(self.block(x)))
+        return self.fc(self.pool(x).flatten(1))
+
+
+def toy_model(seed: int = 0, device: str | torch.device = "cpu") -> ClassifierHandle:
+    """A seeded ToyCNN (32x32 input, 10 classes, default layer 'head') in a ClassifierHandle."""
+    generator_state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    net = ToyCNN()
+    with torch.no_grad():  # non-trivial batch-norm statistics
+        net.bn.running_mean.uniform_(-0.2, 0.2)
+        net.bn.running_var.uniform_(0.5, 1.5)
+    torch.random.set_rng_state(generator_state)
+    loaded = LoadedModel(module=net.eval(), input_size=TOY_SIZE, mean=(0.5, 0.5, 0.5),
+                         std=(0.25, 0.25, 0.25),
+                         class_names=tuple(f"class{i}" for i in range(TOY_CLASSES)),
+                         default_layer="head")
+    return ClassifierHandle(loaded, device, name="toy-cnn")
+
+
+def toy_images(batch: int = 2, seed: int = 0, size: int = TOY_SIZE) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.rand(batch, 3, size, size, generator=generator)
+
+
+def _hook_count(module: nn.Module) -> int:
+    total = 0
+    for m in module.modules():
+        for attribute in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks",
+                          "_backward_pre_hooks", "_state_dict_hooks", "_load_state_dict_pre_hooks"):
+            total += len(getattr(m, attribute, {}) or {})
+    return total
+
+
+def _structure(module: nn.Module) -> list[tuple[str, int]]:
+    return [(name, id(m)) for name, m in module.named_modules()]
+
+
+def _explain(explainer: Explainer, model: ClassifierHandle, images: torch.Tensor,
+             targets: torch.Tensor) -> torch.Tensor:
+    grad = torch.enable_grad() if explainer.needs_gradients else torch.no_grad()
+    with grad:
+        return explainer.explain(model, images, targets)
+
+
+def check_explainer(cls: type[Explainer], model: ClassifierHandle | None = None,
+                    layer: str | None = None, options: dict[str, Any] | None = None,
+                    batch: int = 2, seed: int = 0, atol: float = 1e-5) -> torch.Tensor:
+    """Assert the Explainer contract on ``model`` (default: the toy CNN); returns the maps.
+
+    Checks: metadata; output type, shape (B, h, w), float dtype, device; finite and >= 0;
+    identical output for a second instance with the same seed; the batch gives the same maps
+    as the images one by one; no hooks, modules, parameters or modes left changed.
+    """
+    name = getattr(cls, "name", cls.__name__)
+    where = f"explainer {name!r}"
+    assert isinstance(cls, type) and issubclass(cls, Explainer), f"{where}: not an Explainer"
+    assert isinstance(cls.needs_gradients, bool), f"{where}: needs_gradients must be a bool"
+    model = model or toy_model()
+    options = options or {}
+    size = model.input_size
+    images = toy_images(batch, seed=seed, size=size).to(model.device)
+    targets = model.probabilities(images).argmax(dim=1)
+    hooks, structure = _hook_count(model), _structure(model)
+    params = [p.detach().clone() for p in model.parameters()]
+    grads_before = [p.requires_grad for p in model.parameters()]
+    training = model.training
+
+    explainer = cls(layer=layer, seed=seed, **options)
+    maps = _explain(explainer, model, images, targets)
+
+    assert isinstance(maps, torch.Tensor), f"{where}: returned {type(maps).__name__}, not a tensor"
+    assert maps.dim() == 3 and maps.shape[0] == batch, (
+        f"{where}: returned shape {tuple(maps.shape)}, expected ({batch}, h, w)")
+    assert maps.dtype.is_floating_point, f"{where}: returned dtype {maps.dtype}, expected float"
+    assert maps.device == model.device, f"{where}: maps on {maps.device}, model on {model.device}"
+    assert torch.isfinite(maps).all(), f"{where}: maps contain NaN or Inf"
+    assert (maps >= 0).all(), f"{where}: maps have negative values (min {maps.min().item():g})"
+    assert _hook_count(model) == hooks, f"{where}: left hooks registered on the model"
+    assert _structure(model) == structure, f"{where}: replaced or added modules in the model"
+    assert all(torch.equal(a, b) for a, b in zip(params, model.parameters())), (
+        f"{where}: changed the model's parameters")
+    assert [p.requires_grad for p in model.parameters()] == grads_before, (
+        f"{where}: changed requires_grad of parameters")
+    assert model.training == training, f"{where}: changed the model's train/eval mode"
+
+    again = _explain(cls(layer=layer, seed=seed, **options), model, images, targets)
+    assert torch.allclose(maps, again, atol=atol), f"{where}: not deterministic for a fixed seed"
+
+    singles = torch.cat([_explain(cls(layer=layer, seed=seed, **options), model,
+                                  images[i:i + 1], targets[i:i + 1]) for i in range(batch)])
+    size_hw = tuple(images.shape[-2:])
+    batched_n, _ = normalize_maps(maps, size_hw)
+    single_n, _ = normalize_maps(singles, size_hw)
+    assert torch.allclose(batched_n, single_n, atol=1e-4), (
+        f"{where}: maps of a batch differ from the same images explained one by one")
+    return maps
+
+
+def check_model(cls: type[Model], options: dict[str, Any] | None = None) -> LoadedModel:
+    """Assert the Model contract: load() gives an eval-mode network whose default layer is
+    called once per forward with a 4-D output, and whose logits match the class names."""
+    where = f"model {getattr(cls, 'name', cls.__name__)!r}"
+    assert isinstance(cls, type) and issubclass(cls, Model), f"{where}: not a Model"
+    loaded = cls(**(options or {})).load()
+    assert isinstance(loaded, LoadedModel), f"{where}: load() must return xbench.LoadedModel"
+    assert not loaded.module.training, f"{where}: load() must return the network in eval mode"
+    assert len(loaded.mean) == 3 and len(loaded.std) == 3, f"{where}: mean/std need 3 values"
+    handle = ClassifierHandle(loaded)
+    layer = handle.layer(loaded.default_layer)
+    outputs: list[torch.Tensor] = []
+    hook = layer.register_forward_hook(lambda m, i, o: outputs.append(o))
+    try:
+        logits = handle.probabilities(toy_images(1, size=loaded.input_size))
+    finally:
+        hook.remove()
+    assert logits.shape == (1, len(loaded.class_names)), (
+        f"{where}: output shape {tuple(logits.shape)} != (1, {len(loaded.class_names)} classes)")
+    assert len(outputs) == 1, (f"{where}: default layer {loaded.default_layer!r} ran "
+                               f"{len(outputs)} times per forward; CAM methods need exactly one")
+    assert outputs[0].dim() == 4, f"{where}: default layer output is not a (B, K, h, w) map"
+    return loaded
+
+
+def check_metric(cls: type[Metric], model: ClassifierHandle | None = None,
+                 options: dict[str, Any] | None = None, batch: int = 2) -> dict[str, torch.Tensor]:
+    """Assert the Metric contract: {variant: finite (B,) tensor}, deterministic, the model's
+    parameters untouched, and the same values when the batch is scored image by image."""
+    where = f"metric {getattr(cls, 'name', cls.__name__)!r}"
+    assert isinstance(cls, type) and issubclass(cls, Metric), f"{where}: not a Metric"
+    assert cls.direction in ("lower", "higher"), f"{where}: direction must be lower or higher"
+    model = model or toy_model()
+    images = toy_images(batch, seed=1, size=model.input_size).to(model.device)
+    probs = model.probabilities(images)
+    targets = probs.argmax(dim=1)
+    generator = torch.Generator().manual_seed(2)
+    raw = torch.rand(batch, 7, 7, generator=generator).to(model.device)
+    saliency, degenerate = normalize_maps(raw, tuple(images.shape[-2:]))
+
+    def make_batch(sel: slice) -> MetricBatch:
+        n = len(range(*sel.indices(batch)))
+        return MetricBatch(model=model, images=images[sel], targets=targets[sel],
+                           saliency=saliency[sel], degenerate=degenerate[sel],
+                           clean_probs=probs[sel].gather(1, targets[sel, None])[:, 0],
+                           explain_forward=torch.ones(n, dtype=torch.float64),
+                           explain_backward=torch.ones(n, dtype=torch.float64),
+                           explain_seconds=torch.full((n,), 0.5, dtype=torch.float64))
+
+    with torch.no_grad():
+        scores = cls(**(options or {})).score(make_batch(slice(None)))
+        again = cls(**(options or {})).score(make_batch(slice(None)))
+        singles = [cls(**(options or {})).score(make_batch(slice(i, i + 1))) for i in range(batch)]
+    assert isinstance(scores, dict) and scores, f"{where}: score() must return a non-empty dict"
+    for variant, values in scores.items():
+        assert isinstance(variant, str), f"{where}: variant keys must be strings"
+        assert isinstance(values, torch.Tensor) and values.shape == (batch,), (
+            f"{where}: variant {variant!r} has shape {getattr(values, 'shape', None)}, "
+            f"expected ({batch},)")
+        assert torch.isfinite(values).all(), f"{where}: variant {variant!r} has NaN/Inf values"
+        assert torch.equal(values, again[variant]), f"{where}: not deterministic"
+        joined = torch.cat([s[variant] for s in singles])
+        assert torch.allclose(values.double(), joined.double(), atol=1e-5), (
+            f"{where}: variant {variant!r} changes with the batch size")
+    return scores
