@@ -29,7 +29,8 @@ _KNOWN_LAYERS = {"resnet": "layer4", "resnext": "layer4", "wide_resnet": "layer4
 
 
 def last_spatial_layer(net: nn.Module, input_size: int) -> str:
-    """Name of the last module (in call order) whose output is a 4-D map larger than 1x1."""
+    """Name of the last module to finish (so the outermost block) whose output is a 4-D map
+    larger than 1x1."""
     order: list[tuple[str, torch.Size]] = []
     handles = [m.register_forward_hook(
         lambda mod, inp, out, name=name: order.append((name, out.shape))
