@@ -1,0 +1,193 @@
+"""Insertion and deletion AUC (Petsiuk et al., RISE, BMVC 2018, sec. 4.1 "causal metrics").
+
+Pixels are ordered by descending saliency (stable: ties keep raster order). Deletion starts
+from the image x and, ``step`` pixels at a time, replaces them by the substrate (the model's
+normalisation mean colour in pixel space); insertion starts from a Gaussian blur of x (kernel
+11, sigma 5) and puts the original pixels back. The curve a_0..a_n is p_c of the image after
+0, 1, ..., n steps (n = ceil(H*W / step), the last step may move fewer pixels) and
+AUC = (sum_k a_k - (a_0 + a_n) / 2) / n, the trapezoid rule on [0, 1] (PROTOCOL.md).
+
+The three metrics read the same curves, computed once per batch and memoised in
+``MetricBatch.cache``: 2 x (n + 1) forward passes per image, batched across images and steps.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torchvision.transforms.v2 import functional as TF
+
+from xbench import Metric, MetricBatch, hookimpl
+from xbench.saliency import descending_order
+
+BLUR_KERNEL = 11
+BLUR_SIGMA = 5.0
+DELETION, INSERTION = 0, 1
+
+
+@dataclass(frozen=True)
+class Curves:
+    """Per-image deletion and insertion curves (B, n + 1) for one step size."""
+
+    step: int
+    deletion: torch.Tensor
+    insertion: torch.Tensor
+
+
+def step_counts(pixels: int, step: int) -> torch.Tensor:
+    """Pixels moved after each of the n + 1 curve points: 0, step, 2 step, ..., pixels."""
+    steps = math.ceil(pixels / step)
+    return torch.clamp(torch.arange(steps + 1) * step, max=pixels)
+
+
+def auc(curve: torch.Tensor) -> torch.Tensor:
+    """Trapezoid AUC of (..., n + 1) curves on equally spaced points of [0, 1] (PROTOCOL.md)."""
+    steps = curve.shape[-1] - 1
+    if steps < 1:
+        raise ValueError("a curve needs at least two points (start and end) to have an area")
+    return (curve.sum(dim=-1) - (curve[..., 0] + curve[..., -1]) / 2) / steps
+
+
+def blurred(images: torch.Tensor) -> torch.Tensor:
+    """Insertion's start image: Gaussian blur, kernel 11, sigma 5, in pixel space."""
+    return TF.gaussian_blur(images, kernel_size=[BLUR_KERNEL, BLUR_KERNEL],
+                            sigma=[BLUR_SIGMA, BLUR_SIGMA])
+
+
+def pixel_ranks(saliency: torch.Tensor) -> torch.Tensor:
+    """(B, H*W): the position of each pixel in the descending saliency order (0 = first moved)."""
+    order = descending_order(saliency)
+    ranks = torch.empty_like(order)
+    positions = torch.arange(order.shape[1], device=order.device).expand_as(order)
+    return ranks.scatter_(1, order, positions)
+
+
+def perturbed_images(images: torch.Tensor, blur: torch.Tensor, substrate: torch.Tensor,
+                     ranks: torch.Tensor, counts: torch.Tensor, jobs: torch.Tensor) -> torch.Tensor:
+    """The step images of ``jobs`` (J, 3) rows (curve, image, step), built on the fly.
+
+    Deletion at step k: the k*step top-ranked pixels of x replaced by the substrate; insertion
+    at step k: the blurred image with its k*step top-ranked pixels taken from x.
+    """
+    curve, image, step = jobs.unbind(1)
+    moved = (ranks[image] < counts[step][:, None]).view(-1, 1, *images.shape[-2:])
+    original = images[image]
+    is_deletion = (curve == DELETION).view(-1, 1, 1, 1)
+    # moved pixels: substrate (deletion) or x (insertion); others: x (deletion) or blur (insertion)
+    moved_value = torch.where(is_deletion, substrate.expand_as(original), original)
+    kept_value = torch.where(is_deletion, original, blur[image])
+    return torch.where(moved, moved_value, kept_value)
+
+
+def _job_chunks(images: int, points: int, chunk: int) -> Iterator[torch.Tensor]:
+    """All (curve, image, step) triples as (J, 3) rows, in the fewest chunks of at most ``chunk``
+    rows, sized as evenly as possible (no small last chunk); the steps of an image are adjacent."""
+    total = 2 * images * points
+    pieces = math.ceil(total / chunk)
+    bounds = [i * total // pieces for i in range(pieces + 1)]
+    for start, end in zip(bounds[:-1], bounds[1:]):
+        flat = torch.arange(start, end)
+        yield torch.stack([flat // (images * points), flat // points % images, flat % points], 1)
+
+
+def compute_curves(batch: MetricBatch, step: int, chunk: int) -> Curves:
+    """Deletion and insertion curves of every image of ``batch``: 2 (n + 1) forwards each."""
+    images, targets = batch.images, batch.targets
+    num, _, height, width = images.shape
+    counts = step_counts(height * width, step).to(images.device)
+    points = counts.numel()
+    ranks = pixel_ranks(batch.saliency.to(images.device))
+    blur = blurred(images)
+    substrate = batch.model.mean.to(images.dtype)
+    scores = torch.empty(2, num, points, dtype=torch.float64)
+    for jobs in _job_chunks(num, points, chunk):
+        jobs = jobs.to(images.device)
+        inputs = perturbed_images(images, blur, substrate, ranks, counts, jobs)
+        probs = batch.model.probabilities(inputs, batch_size=chunk)
+        target = probs.gather(1, targets[jobs[:, 1]][:, None])[:, 0]
+        curve, image, point = jobs.cpu().unbind(1)
+        scores[curve, image, point] = target.double().cpu()
+    return Curves(step=step, deletion=scores[DELETION], insertion=scores[INSERTION])
+
+
+class _CausalMetric(Metric):
+    """Shared options: ``step`` pixels per step (default: the image width, i.e. 224 at 224x224)
+    and ``batch_size`` step images per forward pass (does not change any number)."""
+
+    unit = "AUC"
+
+    def __init__(self, step: int | None = None, batch_size: int = 64, **options: Any) -> None:
+        super().__init__(**options)
+        for option, value in (("step", step), ("batch_size", batch_size)):
+            if value is None and option == "step":
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"metric {self.name!r}: option {option} must be a positive "
+                                 f"integer, got {value!r}")
+        self.step = step
+        self.batch_size = batch_size
+
+    def curves(self, batch: MetricBatch) -> Curves:
+        """The batch's curves for this step size, computed by whichever metric asks first."""
+        step = self.step if self.step is not None else int(batch.images.shape[-1])
+        key = ("insertion-deletion/curves", step)
+        if key not in batch.cache:
+            curves = compute_curves(batch, step, self.batch_size)
+            batch.cache[key] = curves
+            variant = _variant(step)
+            batch.curves[("deletion", variant)] = curves.deletion
+            batch.curves[("insertion", variant)] = curves.insertion
+        return batch.cache[key]
+
+    def score(self, batch: MetricBatch) -> dict[str, torch.Tensor]:
+        curves = self.curves(batch)
+        return {_variant(curves.step): self.per_image(curves)}
+
+    @staticmethod
+    def per_image(curves: Curves) -> torch.Tensor:
+        raise NotImplementedError
+
+
+def _variant(step: int) -> str:
+    return f"step={step}"
+
+
+class Insertion(_CausalMetric):
+    name = "insertion"
+    direction = "higher"
+    summary = "Insertion AUC (RISE): p_c while salient pixels return to a blurred image"
+
+    @staticmethod
+    def per_image(curves):
+        return auc(curves.insertion)
+
+
+class Deletion(_CausalMetric):
+    name = "deletion"
+    direction = "lower"
+    summary = "Deletion AUC (RISE): p_c while salient pixels are replaced by the mean colour"
+
+    @staticmethod
+    def per_image(curves):
+        return auc(curves.deletion)
+
+
+class InsertionDeletion(_CausalMetric):
+    name = "insertion-deletion"
+    direction = "higher"
+    summary = "AUC(insertion) - AUC(deletion), as in Group-CAM and layer-wise CAM papers"
+
+    @staticmethod
+    def per_image(curves):
+        return auc(curves.insertion) - auc(curves.deletion)
+
+
+@hookimpl
+def register_metrics(register):
+    register(Insertion)
+    register(Deletion)
+    register(InsertionDeletion)
