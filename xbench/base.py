@@ -54,6 +54,10 @@ class Explainer(ABC):
         """Settings that change the output, recorded in every result row ('' when none)."""
         return ""
 
+    def prepare(self, model: ClassifierHandle, image_shape: tuple[int, int, int]) -> None:
+        """Optional one-time set-up (e.g. RISE's shared masks), called once per run before any
+        timed explanation so its cost is not billed to the first image. Default: nothing."""
+
     @abstractmethod
     def explain(self, model: ClassifierHandle, images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Return saliency maps (B, h, w), >= 0, for ``targets`` on ``images``."""

@@ -294,9 +294,7 @@ class Runner:
             handle(x).max().backward()
         shape = (3, size, size)
         for _, explainer in explainers:
-            prepare = getattr(explainer, "prepare", None)
-            if prepare is not None:
-                prepare(handle, shape)
+            explainer.prepare(handle, shape)
         handle.zero_grad(set_to_none=True)
 
     @contextlib.contextmanager
