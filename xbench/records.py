@@ -132,6 +132,10 @@ class RunFolder:
     def progress_path(self) -> Path:
         return self.path / PROGRESS_FILE
 
+    def shard(self, rank: int) -> RunFolder:
+        """The folder one rank of a distributed run writes its own rows to."""
+        return RunFolder(self.path / "shards" / f"rank{rank:03d}")
+
     def exists(self) -> bool:
         return self.header_path.exists()
 
@@ -202,7 +206,10 @@ class RunFolder:
 
     def append_unit(self, unit: str, rows: Iterable[ResultRow]) -> None:
         """Append a unit's rows durably, then record the unit as finished."""
-        payload = "".join(row.to_json() + "\n" for row in rows).encode("utf-8")
+        self.append_raw_unit(unit, "".join(row.to_json() + "\n" for row in rows).encode("utf-8"))
+
+    def append_raw_unit(self, unit: str, payload: bytes) -> None:
+        """Append already-serialised rows (JSON lines) of a unit, then mark it finished."""
         with self.rows_path.open("ab") as handle:
             handle.write(payload)
             handle.flush()

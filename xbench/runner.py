@@ -233,7 +233,15 @@ class Runner:
 
     def run(self, resume: bool = False, overwrite: bool = False,
             shard: tuple[int, int] = (0, 1)) -> RunSummary:
-        """Execute (or finish) the run; ``shard`` = (rank, world size) takes every world-th batch."""
+        """Execute (or finish) the run.
+
+        ``shard`` = (rank, world size): this process takes every world-th batch and writes its
+        rows to ``shards/rankNNN/``; after a barrier rank 0 merges the shards, in the order a
+        single process would have written them, into the run folder (xbench.distributed).
+        """
+        from xbench import distributed
+
+        rank, world = shard
         torch.manual_seed(self.config.seed)
         self._check_folder(resume, overwrite)
         handle = self._load_model()
@@ -242,25 +250,36 @@ class Runner:
         metrics = self._metrics()
         batches = self.batches()
         units_total = len(batches) * (1 + len(explainers))
-        header = self._header(handle, units_total)
-        self.folder.acquire_lock()
+        header = dataclasses.replace(self._header(handle, units_total), world_size=world)
+        if resume and self.folder.exists():
+            self._check_same_run(header)
+        distributed.barrier(world)  # every rank has checked the folder before anyone writes
+        writer = self.folder if world == 1 else self.folder.shard(rank)
+        writer.acquire_lock()
         try:
-            if resume and self.folder.exists():
-                self._check_same_run(header)
-                done = self.folder.completed_units()
+            if resume and writer.exists():
+                done = writer.completed_units()
             else:
-                self.folder.write_header(header)
+                if rank == 0 and world > 1:
+                    self.folder.write_header(header)
+                writer.write_header(header)
                 done = {}
             summary = RunSummary(self.folder, header, 0, len(done), 0, 0)
             self._warm_up(handle, explainers)
-            rank, world = shard
             mine = [b for b in batches if b[0] % world == rank]
-            with self._progress(len(mine) * (1 + len(explainers)), len(done)) as advance:
+            progress_total = units_total if world > 1 else len(mine) * (1 + len(explainers))
+            with self._progress(progress_total, rank, world) as advance:
                 for index, items in mine:
                     self._run_batch(handle, index, items, explainers, metrics, done, summary,
-                                    advance)
+                                    writer, advance)
         finally:
-            self.folder.release_lock()
+            writer.release_lock()
+        distributed.barrier(world)
+        if world > 1 and rank == 0:
+            order = [unit for index, _ in batches
+                     for unit in [self._data_unit(index)]
+                     + [self._unit(index, e, layer) for layer, e in explainers]]
+            distributed.merge_shards(self.folder, world, order)
         return summary
 
     def _check_folder(self, resume: bool, overwrite: bool) -> None:
@@ -298,12 +317,21 @@ class Runner:
         handle.zero_grad(set_to_none=True)
 
     @contextlib.contextmanager
-    def _progress(self, total: int, already: int) -> Iterator[Callable[[str], None]]:
-        if self.progress is None:
-            yield lambda description: None
+    def _progress(self, total: int, rank: int, world: int) -> Iterator[Callable[[str], None]]:
+        """Progress on rank 0 only; with several ranks it counts every rank's finished units."""
+        if self.progress is None or rank != 0:
+            yield lambda what, completed=None: None
             return
         with self.progress(total=total, completed=0, description=self.run_name) as advance:
-            yield advance
+            if world == 1:
+                yield advance
+                return
+            from xbench import distributed
+
+            def advance_global(what: str) -> None:
+                advance(what, completed=distributed.finished_units(self.folder, world))
+
+            yield advance_global
 
     def _base_row(self, handle: ClassifierHandle) -> dict[str, Any]:
         return dict(run=self.run_name, protocol=PROTOCOL_VERSION, profile=self.profile,
@@ -314,9 +342,10 @@ class Runner:
 
     def _run_batch(self, handle: ClassifierHandle, index: int, items: tuple[ImageItem, ...],
                    explainers: list[tuple[str, Explainer]], metrics: list[Metric],
-                   done: dict[str, int], summary: RunSummary, advance: Callable[[str], None]) -> None:
+                   done: dict[str, int], summary: RunSummary, writer: RunFolder,
+                   advance: Callable[..., None]) -> None:
         base = self._base_row(handle)
-        data_unit = f"batch{index:06d}:data"
+        data_unit = self._data_unit(index)
         pending = [(layer, e) for layer, e in explainers
                    if self._unit(index, e, layer) not in done]
         if data_unit in done and not pending:
@@ -325,7 +354,7 @@ class Runner:
             return
         loaded, data_rows = self._load_batch(handle, items, base)
         if data_unit not in done:
-            self.folder.append_unit(data_unit, data_rows)
+            writer.append_unit(data_unit, data_rows)
             summary.units_done += 1
             summary.failed_images += sum(r.status != "ok" for r in data_rows)
         advance("images")
@@ -335,10 +364,14 @@ class Runner:
                 advance("skipped (done)")
                 continue
             rows = self._explain_unit(handle, loaded, explainer, layer, metrics, base)
-            self.folder.append_unit(unit, rows)
+            writer.append_unit(unit, rows)
             summary.units_done += 1
             summary.failed_cells += sum(r.status != "ok" for r in rows)
             advance(explainer.name)
+
+    @staticmethod
+    def _data_unit(index: int) -> str:
+        return f"batch{index:06d}:data"
 
     @staticmethod
     def _unit(index: int, explainer: Explainer, layer: str) -> str:

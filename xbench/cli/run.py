@@ -47,6 +47,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--name", help="run folder name (default: model_data_profile[_nN-sS])")
     p.add_argument("--resume", action="store_true", help="finish an interrupted run")
     p.add_argument("--overwrite", action="store_true", help="start the run folder afresh")
+    p.add_argument("--distributed", action="store_true", help="shard the run over the processes "
+                   "torchrun started (implied when WORLD_SIZE > 1)")
     p.add_argument("--no-leaderboard", dest="leaderboard", action="store_false",
                    help="do not regenerate LEADERBOARD.md in --out")
     p.set_defaults(func=run)
@@ -55,14 +57,19 @@ def add_parser(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     from xbench.cli import blocked_plugins
 
-    console = Console()
-    err = Console(stderr=True)
+    from xbench import distributed
+
+    rank, world, device = 0, 1, args.device
+    if args.distributed or distributed.from_environment()[1] > 1:
+        rank, world, device = distributed.initialise(args.device)
+    console = Console(quiet=rank != 0)
+    err = Console(stderr=True, quiet=rank != 0)
     registry = build_registry(blocked=blocked_plugins(args))
     for message in registry.load_errors:
         err.print(f"[yellow]warning:[/] {message}", highlight=False)
     config = RunConfig(
         explainers=args.explainers, metrics=args.metrics, model=args.model, data=args.data,
-        labels=args.labels, limit=args.limit, seed=args.seed, device=args.device,
+        labels=args.labels, limit=args.limit, seed=args.seed, device=device,
         dtype=args.dtype, batch_size=args.batch_size, profile=args.profile, layers=args.layers,
         weights=args.weights, target_rule=args.target_rule, channels_last=args.channels_last,
         options=tuple(args.options), checkpoint=args.checkpoint, member=args.member)
@@ -72,8 +79,10 @@ def run(args: argparse.Namespace) -> int:
               f"explainers {', '.join(runner.explainer_names)}; profile {runner.profile}",
               highlight=False)
     start = time.perf_counter()
-    summary = runner.run(resume=args.resume, overwrite=args.overwrite)
+    summary = runner.run(resume=args.resume, overwrite=args.overwrite, shard=(rank, world))
     elapsed = time.perf_counter() - start
+    if rank != 0:
+        return 0
     text, table = leaderboard.run_section(summary.folder)
     print_matrix(console, summary.folder, table)
     if args.leaderboard:

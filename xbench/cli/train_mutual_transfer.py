@@ -266,8 +266,12 @@ def evaluate_both(students: dict[str, Any], data: Any, console: Console, label: 
 
 
 def train_run(config: Any, start: dict[str, Any] | None, pre_history: list[dict], train: Any, test: Any,
-              out: Path, resume: bool, console: Console, tag: str = "") -> dict[str, Any]:
-    """Train (or resume) one run to ``config.epochs``, saving ``out`` after every epoch."""
+              out: Path, resume: bool, console: Console, tag: str = "",
+              before: dict[str, float] | None = None) -> dict[str, Any]:
+    """Train (or resume) one run to ``config.epochs``, saving ``out`` after every epoch.
+
+    ``before``: accuracies of ``start`` on ``test`` when already known (runs sharing a start).
+    """
     from xbench_plugins.mutual_transfer import MutualTrainer, epoch_batches, load_students, save_checkpoint
 
     steps = len(epoch_batches(len(train), config.batch_size, 0))
@@ -286,8 +290,8 @@ def train_run(config: Any, start: dict[str, Any] | None, pre_history: list[dict]
         trainer = MutualTrainer(students["st1"], students["st2"], config, steps)
         trainer.history = list(pre_history)
         if test is not None:
-            trainer.history.append({"phase": "before", "epoch": 0,
-                                    **evaluate_both(students, test, console, f"{tag}before")})
+            before = before or evaluate_both(students, test, console, f"{tag}before")
+            trainer.history.append({"phase": "before", "epoch": 0, **before})
         save_checkpoint(out, students, train.class_names, trainer.state())
     while trainer.epoch < config.epochs:
         t0 = time.perf_counter()
@@ -370,10 +374,14 @@ def _compare(args: argparse.Namespace, train: Any, test: Any, out: Path, console
         start, pre_history = initial_students(configs["local"], train, console)
         save_checkpoint(initial, start, train.class_names,
                         {"config": configs["local"].as_dict(), "epoch": 0, "history": pre_history})
-    results = {}
+    results: dict[str, Any] = {}
+    before = None
     for regime in REGIMES:
         results[regime] = train_run(configs[regime], start, pre_history, train, test,
-                                    out / f"{regime}.pt", args.resume, console, tag=f"[{regime}] ")
+                                    out / f"{regime}.pt", args.resume, console, tag=f"{regime}: ",
+                                    before=before)
+        before = _summary(results[regime])["before"]
+        before = {k: v for k, v in before.items() if k.startswith("top1_")} if before else None
     table = Table(title=(f"Table 1 shape on {train.name} -> {test.name} ({len(test)} images): top-1 after "
                          f"{args.epochs} epochs, seed {args.seed}, grid {args.grid}, beta {args.beta}"))
     for column in ("regime", "lambda", "beta", f"ST1 {args.st1}", f"ST2 {args.st2}", "kept regions"):

@@ -1,0 +1,71 @@
+"""Sharding one run over processes with torch.distributed (torchrun, NCCL on GPUs, gloo on CPU).
+
+Each rank takes every world-th batch and writes its own record files; nothing is exchanged
+but barriers. Rank 0 merges the shards into the run folder in the unit order a single process
+would have used, so the merged rows equal a single-process run of the same command.
+"""
+
+from __future__ import annotations
+
+import os
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from xbench.errors import UserError
+from xbench.records import RunFolder
+
+
+def from_environment() -> tuple[int, int, int]:
+    """(rank, world size, local rank) as torchrun sets them; (0, 1, 0) outside torchrun."""
+    return (int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
+            int(os.environ.get("LOCAL_RANK", 0)))
+
+
+def initialise(device: str) -> tuple[int, int, str]:
+    """Join the process group torchrun prepared; returns (rank, world, device for this rank)."""
+    rank, world, local_rank = from_environment()
+    if "MASTER_ADDR" not in os.environ:
+        raise UserError("--distributed: start xbench with torchrun (e.g. torchrun "
+                        "--nproc-per-node 2 -m xbench run ...), which sets RANK, WORLD_SIZE "
+                        "and MASTER_ADDR")
+    use_cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo", rank=rank,
+                                world_size=world, timeout=timedelta(hours=12))
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+        device = f"cuda:{local_rank}"
+    return rank, world, device
+
+
+def barrier(world: int) -> None:
+    if world > 1 and dist.is_initialized():
+        dist.barrier()
+
+
+def finished_units(folder: RunFolder, world: int) -> int:
+    """Units finished by all ranks so far (read from their progress files)."""
+    return sum(len(folder.shard(rank).finished_units()) for rank in range(world))
+
+
+def merge_shards(folder: RunFolder, world: int, order: list[str]) -> None:
+    """Write the shards' units into ``folder`` in ``order`` (the single-process order)."""
+    chunks: dict[str, bytes] = {}
+    for rank in range(world):
+        shard = folder.shard(rank)
+        ends = shard.finished_units()
+        data = shard.rows_path.read_bytes() if shard.rows_path.exists() else b""
+        start = 0
+        for unit, end in sorted(ends.items(), key=lambda item: item[1]):
+            chunks[unit] = data[start:end]
+            start = end
+    missing = [unit for unit in order if unit not in chunks]
+    if missing:
+        raise UserError(f"{folder.path}: {len(missing)} units are missing from the shards (first: "
+                        f"{missing[0]}); rerun the same command with --resume")
+    header = folder.header()
+    folder.write_header(header)  # truncates rows/progress: the merge is rebuilt from shards
+    for unit in order:
+        folder.append_raw_unit(unit, chunks[unit])
