@@ -26,6 +26,7 @@ from xbench.base import Explainer, Metric, MetricBatch
 from xbench.data import Dataset, ImageItem, load_image, open_dataset
 from xbench.environment import environment, resolve_device, short_versions
 from xbench.errors import UserError
+from xbench.guard import no_leaked_hooks, time_limit
 from xbench.model import ClassifierHandle
 from xbench.plugins import Registry
 from xbench.profiles import PROFILES, plugin_options
@@ -60,6 +61,8 @@ class RunConfig:
     options: tuple[str, ...] = ()
     checkpoint: str | None = None
     member: str | None = None
+    #: seconds an explainer may spend per image before the image is recorded as failed
+    timeout: float | None = None
 
 
 @dataclass
@@ -354,7 +357,7 @@ class Runner:
             return
         loaded, data_rows = self._load_batch(handle, items, base)
         if data_unit not in done:
-            writer.append_unit(data_unit, data_rows)
+            _append(writer, data_unit, data_rows)
             summary.units_done += 1
             summary.failed_images += sum(r.status != "ok" for r in data_rows)
         advance("images")
@@ -364,7 +367,7 @@ class Runner:
                 advance("skipped (done)")
                 continue
             rows = self._explain_unit(handle, loaded, explainer, layer, metrics, base)
-            writer.append_unit(unit, rows)
+            _append(writer, unit, rows)
             summary.units_done += 1
             summary.failed_cells += sum(r.status != "ok" for r in rows)
             advance(explainer.name)
@@ -467,7 +470,9 @@ class Runner:
         grad_mode = torch.enable_grad() if explainer.needs_gradients else torch.no_grad()
         autocast = (torch.autocast(self.device.type, dtype=DTYPES[self.config.dtype])
                     if DTYPES[self.config.dtype] is not None else contextlib.nullcontext())
-        with handle.counting() as counts, Stopwatch(self.device) as watch, grad_mode, autocast:
+        limit = None if self.config.timeout is None else self.config.timeout * n
+        with no_leaked_hooks(handle, explainer.name), time_limit(limit, explainer.name), \
+                handle.counting() as counts, Stopwatch(self.device) as watch, grad_mode, autocast:
             maps = explainer.explain(handle, images, targets)
         _check_maps(explainer.name, maps, n, handle.device)
         handle.zero_grad(set_to_none=True)
@@ -520,6 +525,16 @@ class Runner:
                                           status="failed", degenerate=degenerate,
                                           error=f"metric {metric.name!r} gave {value}"))
         return rows
+
+
+def _append(writer: RunFolder, unit: str, rows: list[ResultRow]) -> None:
+    """Append a unit; a full or read-only disk stops the run cleanly (nothing half-counted)."""
+    try:
+        writer.append_unit(unit, rows)
+    except OSError as exc:
+        raise UserError(f"cannot write results to {writer.path}: {exc.strerror or exc}. The "
+                        f"finished units are safe; free space (or fix permissions) and rerun "
+                        f"the same command with --resume.") from exc
 
 
 def _check_maps(name: str, maps: Any, n: int, device: torch.device) -> None:

@@ -43,6 +43,8 @@ def add_parser(subparsers) -> None:
                    metavar="PLUGIN.KEY=VALUE", help="plugin option, e.g. rise.n_masks=8000")
     p.add_argument("--no-channels-last", dest="channels_last", action="store_false",
                    help="keep the model in contiguous memory format")
+    p.add_argument("--timeout", type=float, help="seconds an explainer may spend per image; "
+                   "a slower image is recorded as failed and the run goes on")
     p.add_argument("--out", default="results", help="results folder (one sub-folder per run)")
     p.add_argument("--name", help="run folder name (default: model_data_profile[_nN-sS])")
     p.add_argument("--resume", action="store_true", help="finish an interrupted run")
@@ -72,7 +74,8 @@ def run(args: argparse.Namespace) -> int:
         labels=args.labels, limit=args.limit, seed=args.seed, device=device,
         dtype=args.dtype, batch_size=args.batch_size, profile=args.profile, layers=args.layers,
         weights=args.weights, target_rule=args.target_rule, channels_last=args.channels_last,
-        options=tuple(args.options), checkpoint=args.checkpoint, member=args.member)
+        options=tuple(args.options), checkpoint=args.checkpoint, member=args.member,
+        timeout=args.timeout)
     out = Path(args.out)
     runner = Runner(config, registry, out, name=args.name, progress=rich_progress)
     err.print(f"xbench run [bold]{runner.run_name}[/]: {len(runner.dataset.items)} images, "
