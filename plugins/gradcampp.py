@@ -23,11 +23,17 @@ from xbench import Explainer, hookimpl
 from xbench_plugins.gradcam import target_layer_gradients
 
 
-def gradcampp_weights(activation: torch.Tensor, gradient: torch.Tensor) -> torch.Tensor:
-    """Channel weights w^c_k (B, K, 1, 1) from A and dY^c/dA, both (B, K, h, w)."""
+def gradcampp_weights(activation: torch.Tensor, gradient: torch.Tensor,
+                      eps: float = 0.0) -> torch.Tensor:
+    """Channel weights w^c_k (B, K, 1, 1) from A and dY^c/dA, both (B, K, h, w).
+
+    ``eps`` is added to the denominator; 0 is the paper. pytorch-grad-cam adds 1e-6, which is
+    not negligible: mid-network gradients are ~1e-4..1e-3, so 2 g^2 is itself ~1e-7..1e-6
+    (tests/test_explainers.py shows the peer equals this formula with eps=1e-6).
+    """
     g2 = gradient.pow(2)
     g3 = g2 * gradient
-    denominator = 2 * g2 + activation.sum(dim=(2, 3), keepdim=True) * g3  # closed-form alpha denominator
+    denominator = 2 * g2 + activation.sum(dim=(2, 3), keepdim=True) * g3 + eps  # alpha's denominator
     alpha = torch.where(denominator != 0, g2 / torch.where(denominator != 0, denominator, 1), 0)
     return (alpha * torch.relu(gradient)).sum(dim=(2, 3), keepdim=True)  # w^c_k, exp(Y^c) dropped
 
