@@ -143,3 +143,17 @@ def test_resize_short_side_then_center_crop():
         image = load_image(path, 64, 56)
     assert image.shape == (3, 56, 56)
     assert torch.allclose(image, torch.ones_like(image))  # the crop is all centre
+
+
+def test_cub_layout_uses_the_test_split_with_zero_based_classes(tmp_path):
+    write_images(tmp_path / "images" / "001.Black_footed_Albatross", ["a.jpg", "b.jpg"])
+    write_images(tmp_path / "images" / "200.Common_Yellowthroat", ["c.jpg"])
+    (tmp_path / "images.txt").write_text(
+        "1 001.Black_footed_Albatross/a.jpg\n2 001.Black_footed_Albatross/b.jpg\n"
+        "3 200.Common_Yellowthroat/c.jpg\n")
+    (tmp_path / "image_class_labels.txt").write_text("1 1\n2 1\n3 200\n")
+    (tmp_path / "train_test_split.txt").write_text("1 1\n2 0\n3 0\n")
+    dataset = open_dataset(str(tmp_path))
+    assert [(i.id, i.label) for i in dataset.items] == [
+        ("001.Black_footed_Albatross/b.jpg", 0), ("200.Common_Yellowthroat/c.jpg", 199)]
+    assert dataset.items[0].path.is_file() and "CUB" in dataset.layout

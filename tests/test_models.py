@@ -83,3 +83,15 @@ def test_vgg_and_unknown_architectures_get_a_spatial_default_layer():
     vgg = torchvision.models.vgg11(weights=None)
     assert default_layer("vgg11", vgg, 224) == "features.19"  # last ReLU before the pool
     assert last_spatial_layer(torchvision.models.resnet18(weights=None), 64) == "layer4"  # the outermost module finishing last
+
+
+def test_all_layers_are_block_outputs_in_forward_order():
+    from xbench.base import LoadedModel
+    from xbench.model import block_layers
+
+    lite0 = ClassifierHandle(REGISTRY.model("efficientnet-lite0")().load())
+    assert block_layers(lite0) == [f"_blocks.{i}" for i in range(16)] + ["_bn1"]
+    net = torchvision.models.resnet18(weights=None).eval()
+    handle = ClassifierHandle(LoadedModel(net, 64, (0.5,) * 3, (0.5,) * 3, ("x",) * 1000, "layer4"))
+    assert block_layers(handle) == ["layer1.0", "layer1.1", "layer2.0", "layer2.1", "layer3.0",
+                                    "layer3.1", "layer4.0", "layer4"]

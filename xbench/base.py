@@ -82,6 +82,9 @@ class LoadedModel:
     resize_size: int | None = None
     #: where the weights came from (package file, local path, hub URL), recorded in the run header
     weights: str = ""
+    #: block outputs a CAM can be computed on, in forward order (``--layers all``); empty means
+    #: "find them by probing" (see :func:`xbench.model.block_layers`)
+    block_layers: tuple[str, ...] = ()
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:

@@ -9,7 +9,9 @@ Layouts understood by :func:`open_dataset` (first match wins):
 - class folders named by WNID (torchvision ImageFolder layout) mapped through the fixed
   WNID -> index table, so a subset of folders never shifts indices; other folder names get
   sorted-folder indices (ImageFolder's rule) for non-ImageNet models;
-- a flat folder of ``<wnid>_name.JPEG`` files (../shared/data/imagenet_sample_1000).
+- a flat folder of ``<wnid>_name.JPEG`` files (../shared/data/imagenet_sample_1000);
+- CUB-200-2011 (``images.txt``, ``image_class_labels.txt``, ``train_test_split.txt``,
+  ``images/``): its test split, classes 0..199.
 """
 
 from __future__ import annotations
@@ -108,6 +110,8 @@ def open_dataset(source: str, labels: str | None = None) -> Dataset:
         raise UserError(f"--data {source}: expected a folder of images")
     if labels is not None:
         return _from_label_file(root, Path(labels))
+    if (root / "images.txt").is_file() and (root / "image_class_labels.txt").is_file():
+        return _cub(root)
     for candidate in (root / "labels.csv", root / "LOC_val_solution.csv",
                       root.parent / f"{root.name}_labels.csv",
                       root.parent / "LOC_val_solution.csv"):
@@ -135,6 +139,27 @@ def open_dataset(source: str, labels: str | None = None) -> Dataset:
         items = tuple(ImageItem(f.name, f, None) for f in files)
         return Dataset(root.name, "unlabelled folder", str(root), items)
     raise UserError(f"--data {source}: no images found (extensions {sorted(IMAGE_EXTENSIONS)})")
+
+
+def _cub(root: Path, split: str = "test") -> Dataset:
+    """CUB-200-2011: images.txt (id path), image_class_labels.txt (id class 1..200),
+    train_test_split.txt (id is_training); the test split by default, labels 0-based."""
+
+    def table(name: str) -> dict[str, str]:
+        path = root / name
+        if not path.is_file():
+            raise UserError(f"--data {root}: CUB-200-2011 layout needs {name}")
+        rows = [line.split(maxsplit=1) for line in path.read_text().splitlines() if line.strip()]
+        return {key: value.strip() for key, value in rows}
+
+    paths, classes = table("images.txt"), table("image_class_labels.txt")
+    is_train = table("train_test_split.txt")
+    wanted = "0" if split == "test" else "1"
+    items = tuple(ImageItem(paths[i], root / "images" / paths[i], int(classes[i]) - 1)
+                  for i in sorted(paths, key=int) if is_train.get(i) == wanted)
+    if not items:
+        raise UserError(f"--data {root}: no {split} images listed in train_test_split.txt")
+    return Dataset(root.name, f"CUB-200-2011 ({split} split)", str(root), items)
 
 
 def _image_files(root: Path) -> list[Path]:

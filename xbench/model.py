@@ -118,3 +118,54 @@ def capture_activations(module: nn.Module, keep_grad: bool = True) -> Iterator[d
         yield store
     finally:
         handle.remove()
+
+
+def block_layers(handle: ClassifierHandle) -> list[str]:
+    """Every block output a CAM can be computed on, in forward order (``--layers all``).
+
+    The model's own list when it declares one; otherwise found by one probe forward: modules
+    that are elements of a sequence container (Sequential/ModuleList, i.e. blocks) and not
+    inside another such block, return a
+    (B, K, h, w) map and run once per forward, plus the default layer. When a block returns
+    the very tensor of its last child (a container and its last block, or an in-place ReLU
+    and its conv), the outermost name is kept.
+    """
+    if handle.loaded.block_layers:
+        return list(handle.loaded.block_layers)
+    containers = (nn.Sequential, nn.ModuleList)
+    in_sequence = {f"{parent}.{child}" if parent else child
+                   for parent, module in handle.net.named_modules()
+                   if isinstance(module, containers) for child, _ in module.named_children()}
+    # blocks nested inside another block (a ResNet block's downsample) are not block outputs
+    in_sequence = {name for name in in_sequence
+                   if not any(name.startswith(other + ".") for other in in_sequence)}
+    in_sequence.add(handle.default_layer)
+    calls: list[tuple[str, torch.Tensor]] = []
+    counts: dict[str, int] = {}
+    hooks = []
+    for name, module in handle.net.named_modules():
+        if name in in_sequence:
+            def hook(_m, _i, output, name=name):
+                counts[name] = counts.get(name, 0) + 1
+                if isinstance(output, torch.Tensor) and output.dim() == 4:
+                    calls.append((name, output))
+            hooks.append(module.register_forward_hook(hook))
+    try:
+        with torch.inference_mode():
+            size = handle.input_size
+            handle.net(torch.zeros(1, 3, size, size, device=handle.device))
+    finally:
+        for h in hooks:
+            h.remove()
+    order: list[str] = []
+    last_ptr: dict[int, int] = {}
+    for name, output in calls:
+        if counts[name] != 1:
+            continue  # a module reused within one forward has no single output to explain
+        pointer = output.data_ptr()
+        if pointer in last_ptr:  # same tensor as an inner block: keep the outer name
+            order[last_ptr[pointer]] = name
+            continue
+        last_ptr[pointer] = len(order)
+        order.append(name)
+    return order

@@ -27,7 +27,7 @@ from xbench.data import Dataset, ImageItem, load_image, open_dataset
 from xbench.environment import environment, resolve_device, short_versions
 from xbench.errors import UserError
 from xbench.guard import no_leaked_hooks, time_limit
-from xbench.model import ClassifierHandle
+from xbench.model import ClassifierHandle, block_layers
 from xbench.plugins import Registry
 from xbench.profiles import PROFILES, plugin_options
 from xbench.records import SCHEMA_VERSION, ResultRow, RunFolder, RunHeader
@@ -179,6 +179,8 @@ class Runner:
         spec = self.config.layers
         if spec in (None, "", "last"):
             return [handle.default_layer]
+        if spec == "all":
+            return block_layers(handle)
         layers = [s.strip() for s in spec.split(",") if s.strip()]
         for layer in layers:
             handle.layer(layer)  # raises with "did you mean" for unknown names
