@@ -67,6 +67,14 @@ def test_run_writes_header_rows_and_leaderboard(tmp_path, images, toy_registry):
     assert fw == [1.0] * 5 and bw == [1.0] * 5  # PROTOCOL.md: Grad-CAM costs 1 F + 1 B
     assert {r.protocol for r in rows} == {"1"} and {r.dtype for r in rows} == {"fp32"}
     assert all(r.dataset_hash == header.dataset["subset_hash"] for r in rows)
+    import numpy as np
+
+    previews = sorted((summary.folder.path / "maps").glob("*.npz"))
+    assert [p.name for p in previews] == [f"batch00000{b}__gradcam__head.npz" for b in range(3)]
+    first = np.load(previews[0])
+    assert list(first["images"]) == ["im0.png", "im1.png"]
+    assert first["maps"].shape == (2, 56, 56) and first["maps"].dtype == np.uint8
+    assert first["maps"].max() == 255 and first["maps"].min() == 0  # min-max normalised
     leaderboard.write(tmp_path / "out")
     assert leaderboard.check(tmp_path / "out") == []
     text = (tmp_path / "out" / "LEADERBOARD.md").read_text()

@@ -8,6 +8,7 @@ would have used, so the merged rows equal a single-process run of the same comma
 from __future__ import annotations
 
 import os
+import shutil
 from datetime import timedelta
 
 import torch
@@ -69,3 +70,7 @@ def merge_shards(folder: RunFolder, world: int, order: list[str]) -> None:
     folder.write_header(header)  # truncates rows/progress: the merge is rebuilt from shards
     for unit in order:
         folder.append_raw_unit(unit, chunks[unit])
+    for rank in range(world):
+        for preview in sorted((folder.shard(rank).path / "maps").glob("*.npz")):
+            (folder.path / "maps").mkdir(exist_ok=True)
+            shutil.copyfile(preview, folder.path / "maps" / preview.name)

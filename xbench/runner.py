@@ -19,7 +19,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+import torch.nn.functional as F
 
 from xbench import PROTOCOL_VERSION, __version__
 from xbench.base import Explainer, Metric, MetricBatch
@@ -37,6 +39,7 @@ from xbench.timing import Stopwatch
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 TARGET_RULES = ("predicted", "label")
 CURVE_DECIMALS = 6
+PREVIEW_SIZE = 56
 
 
 @dataclass(frozen=True)
@@ -63,6 +66,8 @@ class RunConfig:
     member: str | None = None
     #: seconds an explainer may spend per image before the image is recorded as failed
     timeout: float | None = None
+    #: keep a small uint8 preview of every normalised map under maps/ (reports, galleries)
+    save_maps: bool = True
 
 
 @dataclass
@@ -368,7 +373,10 @@ class Runner:
             if unit in done:
                 advance("skipped (done)")
                 continue
-            rows = self._explain_unit(handle, loaded, explainer, layer, metrics, base)
+            previews: dict[str, np.ndarray] = {}
+            rows = self._explain_unit(handle, loaded, explainer, layer, metrics, base, previews)
+            if self.config.save_maps and previews:
+                _save_previews(writer, unit, previews)
             _append(writer, unit, rows)
             summary.units_done += 1
             summary.failed_cells += sum(r.status != "ok" for r in rows)
@@ -444,11 +452,13 @@ class Runner:
 
     def _explain_unit(self, handle: ClassifierHandle, batch: dict[str, Any] | None,
                       explainer: Explainer, layer: str, metrics: list[Metric],
-                      base: dict[str, Any]) -> list[ResultRow]:
+                      base: dict[str, Any], previews: dict[str, np.ndarray]) -> list[ResultRow]:
+        """Rows of one unit; the normalised maps go into ``previews`` (image id -> uint8)."""
         if batch is None:
             return []
         try:
-            return self._explain_and_score(handle, batch, explainer, layer, metrics, base)
+            return self._explain_and_score(handle, batch, explainer, layer, metrics, base,
+                                           previews)
         except Exception as exc:  # noqa: BLE001 - a plugin failure is recorded, not fatal
             if len(batch["items"]) == 1:
                 item = batch["items"][0]
@@ -461,12 +471,13 @@ class Runner:
         rows = []
         for i in range(len(batch["items"])):
             single = {k: (v[i:i + 1]) for k, v in batch.items()}
-            rows.extend(self._explain_unit(handle, single, explainer, layer, metrics, base))
+            rows.extend(self._explain_unit(handle, single, explainer, layer, metrics, base,
+                                           previews))
         return rows
 
     def _explain_and_score(self, handle: ClassifierHandle, batch: dict[str, Any],
                            explainer: Explainer, layer: str, metrics: list[Metric],
-                           base: dict[str, Any]) -> list[ResultRow]:
+                           base: dict[str, Any], previews: dict[str, np.ndarray]) -> list[ResultRow]:
         images, targets, items = batch["images"], batch["targets"], batch["items"]
         n = len(items)
         grad_mode = torch.enable_grad() if explainer.needs_gradients else torch.no_grad()
@@ -479,6 +490,7 @@ class Runner:
         _check_maps(explainer.name, maps, n, handle.device)
         handle.zero_grad(set_to_none=True)
         saliency, degenerate = normalize_maps(maps, (images.shape[-2], images.shape[-1]))
+        previews.update(zip((item.id for item in items), map_previews(saliency)))
         per_image = lambda total: torch.full((n,), total / n, dtype=torch.float64)  # noqa: E731
         metric_batch = MetricBatch(
             model=handle, images=images, targets=targets, saliency=saliency,
@@ -527,6 +539,29 @@ class Runner:
                                           status="failed", degenerate=degenerate,
                                           error=f"metric {metric.name!r} gave {value}"))
         return rows
+
+
+def map_previews(saliency: torch.Tensor, size: int = PREVIEW_SIZE) -> np.ndarray:
+    """Normalised maps (B, H, W) as uint8 (B, s, s) previews for reports and galleries."""
+    small = F.interpolate(saliency[:, None].float(), size=(size, size), mode="bilinear",
+                          align_corners=False, antialias=True)[:, 0]
+    return (small.clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
+
+
+def _save_previews(writer: RunFolder, unit: str, previews: dict[str, np.ndarray]) -> None:
+    """``maps/<unit>.npz`` with arrays ``images`` (ids) and ``maps`` (N, s, s) uint8.
+
+    Written before the unit's rows: a crash in between only leaves a file the resumed run
+    overwrites with identical content."""
+    path = writer.path / "maps" / (unit.replace(":", "__").replace("/", "_") + ".npz")
+    try:
+        path.parent.mkdir(exist_ok=True)
+        ids = list(previews)
+        with path.open("wb") as handle:
+            np.savez_compressed(handle, images=np.array(ids), maps=np.stack([previews[i] for i in ids]))
+    except OSError as exc:
+        raise UserError(f"cannot write maps to {path}: {exc.strerror or exc}. Free space and "
+                        "rerun with --resume.") from exc
 
 
 def _append(writer: RunFolder, unit: str, rows: list[ResultRow]) -> None:

@@ -45,6 +45,8 @@ def add_parser(subparsers) -> None:
                    help="keep the model in contiguous memory format")
     p.add_argument("--timeout", type=float, help="seconds an explainer may spend per image; "
                    "a slower image is recorded as failed and the run goes on")
+    p.add_argument("--no-maps", dest="save_maps", action="store_false",
+                   help="do not keep map previews (maps/*.npz, used by reports)")
     p.add_argument("--out", default="results", help="results folder (one sub-folder per run)")
     p.add_argument("--name", help="run folder name (default: model_data_profile[_nN-sS])")
     p.add_argument("--resume", action="store_true", help="finish an interrupted run")
@@ -75,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
         dtype=args.dtype, batch_size=args.batch_size, profile=args.profile, layers=args.layers,
         weights=args.weights, target_rule=args.target_rule, channels_last=args.channels_last,
         options=tuple(args.options), checkpoint=args.checkpoint, member=args.member,
-        timeout=args.timeout)
+        timeout=args.timeout, save_maps=args.save_maps)
     out = Path(args.out)
     runner = Runner(config, registry, out, name=args.name, progress=rich_progress)
     err.print(f"xbench run [bold]{runner.run_name}[/]: {len(runner.dataset.items)} images, "
