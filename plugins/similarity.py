@@ -39,9 +39,11 @@ from torch import nn
 from xbench import LoadedModel, Model, hookimpl
 from xbench.errors import UserError
 from xbench.model import ClassifierHandle
+# One guided-backprop rule for the whole project (Springenberg et al. 2015): at every call of every
+# ReLU-family module, R_in = d(x) * 1[R_out > 0] * R_out, by hooks that fire on every call (a
+# module object reused several times per forward is guided at each use; modules never swapped).
+from xbench_plugins.guided_backprop import RELU_FAMILY, guided_gradients, guided_relus
 
-#: units treated by the guided-backprop rule; both zero the input where it is <= 0
-RELU_FAMILY = (nn.ReLU, nn.ReLU6)
 METHODS = (1, 2)
 AVERAGE_KINDS = ("simple", "confident", "unconfident", "network")
 
@@ -256,38 +258,6 @@ def network_driven_average(model: ClassifierHandle, start: torch.Tensor, cls: in
 # --------------------------------------------------------------------------------------------
 
 
-def _positive_part(grad: torch.Tensor) -> torch.Tensor:
-    return grad.clamp(min=0)
-
-
-@contextlib.contextmanager
-def guided_relus(net: nn.Module) -> Iterator[int]:
-    """Apply the guided-backprop rule at every ReLU-family module during the block.
-
-    Springenberg et al. 2015, eq. for guided backprop: R_in = [x > 0] * [R_out > 0] * R_out.
-    A forward hook (it fires on *every* call, so a module object reused several times per
-    forward is handled at each use) registers a gradient hook on that call's output that keeps
-    the positive part of the incoming gradient; the unit's own backward then multiplies by its
-    derivative: [x > 0] for ReLU, [0 < x < 6] for ReLU6 (a saturated unit passes nothing, as in
-    plain backprop). Modules are not swapped; all hooks are removed on exit. Yields the number of
-    hooked modules. Functional ``F.relu`` calls cannot be hooked: models must use modules.
-    """
-    def hook(_module: nn.Module, _inputs: object, output: torch.Tensor) -> None:
-        if isinstance(output, torch.Tensor) and output.requires_grad:
-            output.register_hook(_positive_part)
-
-    units = [m for m in net.modules() if isinstance(m, RELU_FAMILY)]
-    if not units:
-        raise UserError("guided backprop needs ReLU/ReLU6 modules, and this model has none "
-                        "(functional relu calls cannot be hooked); pick a ReLU network")
-    handles = [m.register_forward_hook(hook) for m in units]
-    try:
-        yield len(units)
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
 class _StopForward(Exception):
     """Raised by a forward hook to end the forward pass once the wanted layer has run."""
 
@@ -426,10 +396,8 @@ def channel_guided_backprop(model: ClassifierHandle, image: torch.Tensor, layer:
 
 def class_guided_backprop(model: ClassifierHandle, image: torch.Tensor, cls: int) -> torch.Tensor:
     """phi_i = GBP(I, output layer, class i): guided gradient of the class logit, (3, H, W)."""
-    with torch.enable_grad(), guided_relus(model.net):
-        x = image.detach().to(model.device)[None].requires_grad_(True)
-        (gradient,) = torch.autograd.grad(model(x)[0, cls], x)
-    return gradient[0]
+    target = torch.tensor([cls], device=model.device)
+    return guided_gradients(model, image.detach().to(model.device)[None], target)[0]
 
 
 def cosine_similarity(maps: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:

@@ -124,7 +124,7 @@ def test_guided_rule_on_a_shared_reused_unit(act, top):
 
 
 def test_guided_relus_refuses_a_model_without_relu_modules():
-    with pytest.raises(UserError, match="ReLU"):
+    with pytest.raises(UserError, match="ReLU"):  # the shared rule of plugins/guided_backprop.py
         with sim.guided_relus(nn.Sequential(nn.Conv2d(3, 3, 1), nn.Tanh())):
             pass
 
