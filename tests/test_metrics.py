@@ -550,3 +550,14 @@ def test_torchcam_differs_only_in_the_short_last_step(tiny):
     assert theirs == pytest.approx(torch.trapezoid(curve, fractions, dim=1).mean().item(), abs=1e-6)
     assert abs(theirs - ours.mean().item()) > 1e-4
     assert math.isclose(auc(curve).mean().item(), ours.mean().item(), abs_tol=1e-12)
+
+
+def test_quick_profile_shares_one_coarse_step():
+    from xbench.profiles import plugin_options
+
+    options = [plugin_options("quick", name) for name in ("insertion", "deletion", "insertion-deletion")]
+    assert options[0] == options[1] == options[2]  # one step: one set of curves per batch
+    steps = len(step_counts(224 * 224, options[0]["step"])) - 1
+    assert 16 <= steps <= 32
+    Insertion(**options[0])  # valid options
+    assert plugin_options("paper", "insertion") == {}  # the paper profile keeps 224 steps
