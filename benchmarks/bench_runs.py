@@ -1,0 +1,92 @@
+"""Whole-run benchmarks: the embedded default and sharding over processes.
+
+Run: ``python -m pytest benchmarks/bench_runs.py --benchmark-enable -s``.
+
+- The default ``xbench run --explainers all`` (quick profile, 6 photos, EfficientNet-Lite0)
+  must finish in under 5 minutes on a 2-core CPU (issue 2). Beside the absolute budget we
+  report the ratio to its forward-pass bound: the forward passes the run made (counted in
+  its rows) times the cost of one forward at the best batch size, measured in the same run.
+- Two gloo processes vs one on the same images (issue 9): the ratio is reported, not
+  asserted beyond correctness: a 2-core machine bounds the speed-up; the same command is the
+  one that scales on GPU machines.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from xbench.model import ClassifierHandle
+from xbench.plugins import build_registry
+
+BUDGET_S = 300.0
+
+
+def _forward_seconds(batch_sizes=(8, 16, 32), rounds: int = 3) -> float:
+    """Best seconds per image of one EfficientNet-Lite0 forward (channels_last, no grad)."""
+    handle = ClassifierHandle(build_registry().model("efficientnet-lite0")().load(),
+                              channels_last=True)
+    best = float("inf")
+    for size in batch_sizes:
+        x = torch.rand(size, 3, 224, 224)
+        handle.probabilities(x, batch_size=size)
+        for _ in range(rounds):
+            start = time.perf_counter()
+            handle.probabilities(x, batch_size=size)
+            best = min(best, (time.perf_counter() - start) / size)
+    return best
+
+
+def _run(args: list[str], env: dict[str, str] | None = None) -> float:
+    start = time.perf_counter()
+    subprocess.run(args, check=True, capture_output=True, env=env)
+    return time.perf_counter() - start
+
+
+def test_default_run_fits_the_budget(benchmark, tmp_path):
+    out = tmp_path / "results"
+    seconds = benchmark.pedantic(
+        _run, args=([sys.executable, "-m", "xbench", "run", "--explainers", "all", "--out",
+                     str(out)],), rounds=1, iterations=1)
+    run = next(p for p in out.iterdir() if p.is_dir())
+    rows = [json.loads(line) for line in (run / "rows.jsonl").read_text().splitlines()]
+    explain_forwards = sum(r["value"] for r in rows if r["metric"] == "forward-passes"
+                           and r["status"] == "ok")
+    # metric forwards: AD/AI 3 per image; insertion+deletion 2 x (steps + 1) per image
+    steps = {len(r["curve"]) for r in rows if r["metric"] == "insertion" and r["curve"]}
+    maps = sum(1 for r in rows if r["metric"] == "forward-passes" and r["status"] == "ok")
+    metric_forwards = maps * (3 + 2 * (max(steps) if steps else 0))
+    per_forward = _forward_seconds()
+    bound = (explain_forwards + metric_forwards) * per_forward
+    print(f"\ndefault run: {seconds:.1f} s; {explain_forwards:.0f} explainer + "
+          f"{metric_forwards} metric forwards; forward-pass bound {bound:.1f} s; "
+          f"ratio {seconds / bound:.2f}")
+    benchmark.extra_info.update(seconds=seconds, bound=bound, ratio=seconds / bound)
+    assert seconds < BUDGET_S
+
+
+def test_two_processes_vs_one(benchmark, tmp_path):
+    common = ["run", "--explainers", "gradcam,gradcam++,layercam", "--metrics",
+              "average-drop,average-increase,insertion,deletion", "--batch-size", "1",
+              "--no-leaderboard", "--name", "r", "--no-maps"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    one = _run([sys.executable, "-m", "xbench", *common, "--out", str(tmp_path / "one")], env)
+
+    def two() -> float:
+        return _run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                     "-m", "xbench", *common, "--out", str(tmp_path / "two")], env)
+
+    seconds = benchmark.pedantic(two, rounds=1, iterations=1)
+    rows = lambda p: [json.loads(x) for x in (p / "r" / "rows.jsonl").read_text().splitlines()  # noqa: E731
+                      if json.loads(x)["metric"] != "time"]
+    assert rows(tmp_path / "one") == rows(tmp_path / "two")
+    print(f"\n1 process {one:.1f} s, 2 processes {seconds:.1f} s: speed-up {one / seconds:.2f}x "
+          f"on {os.cpu_count()} cores (process start-up included)")
+    benchmark.extra_info.update(one=one, two=seconds, speedup=one / seconds)
