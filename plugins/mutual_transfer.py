@@ -318,6 +318,9 @@ class Student:
     transfer_layers: tuple[str, ...]
     default_layer: str
     pretrained: bool
+    #: channels-last memory format (about 1.5-2x faster depthwise convolutions on CPU); numerics
+    #: are those of the same convolutions, only the memory layout differs
+    channels_last: bool = False
 
     def prepare(self, images: torch.Tensor) -> torch.Tensor:
         """Pixel-space [0,1] images of any square size -> this student's normalised input."""
@@ -326,7 +329,10 @@ class Student:
                                    align_corners=False, antialias=True)
         mean = torch.tensor(self.mean, device=images.device).view(1, 3, 1, 1)
         std = torch.tensor(self.std, device=images.device).view(1, 3, 1, 1)
-        return (images - mean) / std
+        images = (images - mean) / std
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        return images
 
     def spec(self) -> dict[str, Any]:
         """What the checkpoint stores to rebuild this student (besides its state dict)."""
@@ -384,8 +390,9 @@ def build_student(arch: str, num_classes: int, pretrained: bool, seed: int | Non
     if num_classes != net._fc.out_features:
         net._fc = nn.Linear(net._fc.in_features, num_classes)
     layers = efficientnet_stage_ends(net, size)
+    net = net.to(memory_format=torch.channels_last)
     return Student(arch, net, num_classes, size, int(round(size / 0.875)), (0.5, 0.5, 0.5),
-                   (0.5, 0.5, 0.5), layers, "_bn1", pretrained)
+                   (0.5, 0.5, 0.5), layers, "_bn1", pretrained, channels_last=True)
 
 
 def student_forward(student: Student, images: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:

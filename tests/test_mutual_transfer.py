@@ -307,3 +307,28 @@ def test_cifar_offline_error_names_the_folder(tmp_path, capsys):
                  "--out", str(tmp_path / "c.pt")])
     err = capsys.readouterr().err
     assert code == 2 and "cifar-10-batches-py" in err and "never downloads" in err
+
+
+def test_cli_compare_trains_the_three_table1_rows_from_one_start(tmp_path):
+    import json
+
+    from xbench.cli import main
+
+    out = tmp_path / "cmp"
+    code = main(["train", "mutual-transfer", "--data", "digits", "--limit", "40", "--val-limit", "20",
+                 "--batch-size", "20", "--pretrain-epochs", "1", "--epochs", "1", "--lambda", "0.5",
+                 "--compare", "--out", str(out)])
+    assert code == 0
+    table = json.loads((out / "table1.json").read_text())
+    rows = {r["regime"]: r for r in table["rows"]}
+    assert list(rows) == ["independent", "global", "local"]
+    assert rows["independent"]["beta"] == 0 and rows["global"]["lambda"] == -1 and rows["local"]["lambda"] == 0.5
+    assert rows["global"]["kept"] == 1.0 and rows["local"]["kept"] < 1.0
+    starts = [table["histories"][r][1] for r in rows]  # [0] is the pretraining epoch, [1] "before"
+    assert all(s["phase"] == "before" and s == starts[0] for s in starts)
+    initial, _ = mt.load_students(out / "initial.pt")
+    for regime in rows:
+        trained, payload = mt.load_students(out / f"{regime}.pt")
+        assert payload["history"][0]["phase"] == "pretrain"
+        assert not torch.equal(next(iter(trained["st2"].net.parameters())),
+                               next(iter(initial["st2"].net.parameters())))

@@ -158,6 +158,7 @@ def load_squares(model: ClassifierHandle, items, console: Console) -> torch.Tens
                 raise UserError(f"cannot read training image {item.path}: {exc}") from exc
             out[i] = image.mul(255).round().to(torch.uint8)
             progress.advance(task)
+            log_line(console, "loading images", i + 1, len(items))
     return out
 
 
@@ -182,6 +183,8 @@ def cache_features(model, layer, squares, labels, config, console):
                 chunks.append(layer_features(model, layer, images))
                 chunk_labels.append(labels[index])
                 progress.advance(task, len(index))
+                log_line(console, "caching features", view * len(squares) + int(index[-1]) + 1,
+                         config.views * len(squares), len(index))
     return torch.cat(chunks), torch.cat(chunk_labels)
 
 
@@ -202,6 +205,8 @@ def run_epoch(head, optimizer, config, model, tail, layer, squares, labels, feat
                 stats.append(train_step(head, optimizer, config, labels[index], feats,
                                         model=model, images=images))
         progress.update(task, advance=1, status=f"loss {stats[-1].loss:.3f}")
+        if features is None:  # img epochs are long: report batches too
+            log_line(progress.console, "  batches", len(stats), -(-count // config.batch_size))
     progress.remove_task(task)
     return stats
 
@@ -238,4 +243,12 @@ def warm_start(path: Path, head, model_name: str, layer: str, console: Console) 
 def progress_bar(console: Console) -> Progress:
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                     TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[status]}"),
-                    console=console, transient=False)
+                    console=console, transient=False, disable=not console.is_terminal)
+
+
+def log_line(console: Console, label: str, done: int, total: int, increment: int = 1) -> None:
+    """Plain progress lines (at each 10%) when stderr is not a terminal (background runs)."""
+    if console.is_terminal or total <= 0:
+        return
+    if (10 * done) // total > (10 * (done - increment)) // total:
+        console.print(f"{time.strftime('%H:%M:%S')} {label}: {done}/{total}", highlight=False)

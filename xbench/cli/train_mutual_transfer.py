@@ -391,8 +391,9 @@ def _compare(args: argparse.Namespace, train: Any, test: Any, out: Path, console
     table.add_row("start (ST1 pretrained)", "", "", f"{before['top1_st1']:.4f}", f"{before['top1_st2']:.4f}", "")
     for regime in REGIMES:
         cfg, after = results[regime]["config"], _summary(results[regime])["after"]
+        kept = f"{after['kept']:.0%}" if cfg["beta"] else "(no transfer)"
         table.add_row(regime, f"{cfg['lam']:g}", f"{cfg['beta']:g}", f"{after['top1_st1']:.4f}",
-                      f"{after['top1_st2']:.4f}", f"{after['kept']:.0%}")
+                      f"{after['top1_st2']:.4f}", kept)
         rows.append({"regime": regime, "lambda": cfg["lam"], "beta": cfg["beta"],
                      "top1_st1": after["top1_st1"], "top1_st2": after["top1_st2"], "kept": after["kept"]})
     Console().print(table)
