@@ -333,8 +333,10 @@ def probe_layers(model: ClassifierHandle, names: Sequence[str] | None = None) ->
 
 
 def default_layers(model: ClassifierHandle) -> list[str]:
-    """The neurons of every convolution: for each Conv2d (in call order) the ReLU-family module
-    called right after it when that module is called once per forward, else the Conv2d itself."""
+    """The neurons of every convolution, in call order: for each Conv2d called once per forward,
+    the ReLU-family module called right after it (after any BatchNorm2d) when that unit is called
+    once per forward, else the last of the conv and its BatchNorms (a shared activation module,
+    as in EfficientNet-Lite or torchvision ResNets, cannot be cut at one of its uses)."""
     leaves = {m: n for n, m in model.net.named_modules() if n and not list(m.children())}
     sequence: list[str] = []
     handles = [m.register_forward_hook(lambda mod, i, o, n=n: sequence.append(n))
@@ -347,15 +349,18 @@ def default_layers(model: ClassifierHandle) -> list[str]:
             handle.remove()
     modules = dict(model.net.named_modules())
     counts = {n: sequence.count(n) for n in set(sequence)}
+
+    def once(position: int, kind) -> bool:
+        return (position < len(sequence) and isinstance(modules[sequence[position]], kind)
+                and counts[sequence[position]] == 1)
+
     layers = []
-    for position, name in enumerate(sequence):
-        if not isinstance(modules[name], nn.Conv2d) or counts[name] != 1:
+    for position in range(len(sequence)):
+        if not once(position, nn.Conv2d):
             continue
-        after = sequence[position + 1] if position + 1 < len(sequence) else None
-        if after and isinstance(modules[after], RELU_FAMILY) and counts[after] == 1:
-            layers.append(after)
-        else:
-            layers.append(name)
+        while once(position + 1, nn.BatchNorm2d):
+            position += 1
+        layers.append(sequence[position + 1] if once(position + 1, RELU_FAMILY) else sequence[position])
     if not layers:
         raise UserError("the model has no convolution called once per forward; pass --layers")
     return layers

@@ -202,6 +202,20 @@ def test_layers_default_to_conv_relus_and_shared_modules_are_refused():
         sim.probe_layers(model, ["features.relu9"])
 
 
+def test_default_layers_skip_batchnorm_and_avoid_shared_relus():
+    torchvision = pytest.importorskip("torchvision")
+    net = torchvision.models.resnet18(weights=None).eval()
+    loaded = LoadedModel(module=net, input_size=64, mean=(0.5,) * 3, std=(0.5,) * 3,
+                         class_names=tuple(str(i) for i in range(1000)), default_layer="layer4")
+    model = ClassifierHandle(loaded)
+    layers = sim.default_layers(model)
+    # stem: conv1 -> bn1 -> relu (called once); blocks: conv -> bn -> the block's relu, which is
+    # called twice per block, so the bn output is taken; 1 + 8 blocks x 2 convs + 3 downsamples
+    assert layers[:4] == ["relu", "layer1.0.bn1", "layer1.0.bn2", "layer1.1.bn1"]
+    assert "layer2.0.downsample.1" in layers and len(layers) == 20
+    assert len(sim.probe_layers(model, layers)) == 20
+
+
 # ---- similarity values ----------------------------------------------------------------------
 
 def test_cosine_similarity_matches_numpy_and_flags_zero_maps():
