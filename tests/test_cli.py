@@ -1,0 +1,69 @@
+"""The command line: run, leaderboard --check, explain, plugins and error messages."""
+
+from __future__ import annotations
+
+import pytest
+from PIL import Image
+
+from xbench.cli import main
+from xbench.data import sample_images
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    out = tmp_path_factory.mktemp("results")
+    code = main(["run", "--explainers", "gradcam", "--metrics", "average-drop,time",
+                 "--limit", "2", "--batch-size", "2", "--out", str(out)])
+    assert code == 0
+    return out
+
+
+def test_run_writes_records_and_leaderboard(results, capsys):
+    run = results / "efficientnet-lite0_sample_quick_n2-s0"
+    assert (run / "run.json").is_file() and (run / "rows.jsonl").is_file()
+    text = (results / "LEADERBOARD.md").read_text()
+    assert "efficientnet-lite0_sample_quick_n2-s0" in text and "| gradcam |" in text
+    assert main(["leaderboard", str(results), "--check"]) == 0
+
+
+def test_leaderboard_check_fails_on_a_stale_file(results, tmp_path):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(results, copy)
+    (copy / "leaderboard.csv").write_text("edited\n")
+    assert main(["leaderboard", str(copy), "--check"]) == 1
+    assert main(["leaderboard", str(copy)]) == 0
+    assert main(["leaderboard", str(copy), "--check"]) == 0
+
+
+def test_rerunning_a_finished_run_needs_resume(results, capsys):
+    code = main(["run", "--explainers", "gradcam", "--metrics", "average-drop,time",
+                 "--limit", "2", "--batch-size", "2", "--out", str(results)])
+    assert code == 2
+    assert "already holds a run. Use --resume" in capsys.readouterr().err
+    code = main(["run", "--explainers", "gradcam", "--metrics", "average-drop,time",
+                 "--limit", "2", "--batch-size", "2", "--out", str(results), "--resume"])
+    assert code == 0
+    assert "0 units computed, 2 already done" in capsys.readouterr().err
+
+
+def test_explain_writes_an_overlay_png(tmp_path):
+    image = next(path for name, path, _ in sample_images() if name == "coffee.png")
+    output = tmp_path / "coffee_gradcam.png"
+    assert main(["explain", str(image), "--explainer", "gradcam", "-o", str(output)]) == 0
+    with Image.open(output) as png:
+        assert png.format == "PNG" and png.size == (400, 440)
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["run", "--explainers", "gradcma"], "Did you mean 'gradcam'"),
+    (["run", "--data", "/no/such/folder"], "no such file or directory"),
+    (["run", "--model", "resnet5"], "Did you mean"),
+    (["explain", "/no/such.png"], "no such image file"),
+    (["-p", "gradcam", "plugins"], "only '-p no:NAME'"),
+    (["leaderboard", "/no/such/results"], "no such results folder"),
+])
+def test_bad_input_gets_a_clear_message_and_exit_2(argv, message, capsys):
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
