@@ -1,6 +1,7 @@
 """``xbench plot KIND RUN_DIR``: figures from the records of a run (PNG, no display needed).
 
-Kinds: ``curves`` draws the mean insertion and deletion curves per explainer. Each kind is a
+Kinds: ``curves`` draws the mean insertion and deletion curves per explainer; ``layers`` the
+overall score per target layer of a layer sweep (:mod:`xbench.layer_plots`). Each kind is a
 function ``add_KIND(plots)`` registering its own sub-parser, listed in ``PLOTS``, so that more
 kinds (``layers``) slot in beside it.
 """
@@ -49,7 +50,16 @@ def add_curves(plots) -> None:
     p.set_defaults(func=run_curves)
 
 
-PLOTS = {"curves": add_curves}
+def add_layers(plots) -> None:
+    p = plots.add_parser("layers", help="overall score (insertion - deletion AUC) per layer "
+                                        "for each explainer")
+    p.add_argument("run", help="run folder of a layer sweep (xbench run --layers all)")
+    p.add_argument("-o", "--output", help="PNG to write (default: RUN/layers.png)")
+    p.add_argument("--variant", help="insertion-deletion variant when the run has several")
+    p.set_defaults(func=run_layers)
+
+
+PLOTS = {"curves": add_curves, "layers": add_layers}
 
 
 def open_run(path: str | Path) -> RunFolder:
@@ -133,5 +143,18 @@ def run_curves(args: argparse.Namespace) -> int:
              f"protocol v{header.protocol}")
     output = Path(args.output) if args.output else folder.path / "curves.png"
     draw_curves(curves, title, output)
+    Console(stderr=True).print(f"wrote {output}", highlight=False)
+    return 0
+
+
+def run_layers(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from xbench.layer_plots import plot_layers
+
+    folder = open_run(args.run)
+    output = Path(args.output) if args.output else folder.path / "layers.png"
+    plot_layers(folder.rows(), output, title=folder.header().run_name, variant=args.variant,
+                seed=folder.header().config.get("seed", 0))
     Console(stderr=True).print(f"wrote {output}", highlight=False)
     return 0
