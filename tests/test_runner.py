@@ -218,3 +218,32 @@ def test_bad_options_and_names_are_clear(tmp_path, images, toy_registry):
                tmp_path).run()
     with pytest.raises(UserError, match="model has no layer 'hed'.*Did you mean 'head'"):
         Runner(_config(images, layers="hed"), toy_registry, tmp_path).run()
+
+
+class _WithDiagnostics(xbench.Explainer):
+    name = "with-diagnostics"
+    needs_gradients = False
+
+    def explain(self, model, images, targets):
+        model(images)
+        self._count = torch.arange(len(images), dtype=torch.float64) + 10
+        return torch.rand(len(images), 4, 4, generator=torch.Generator().manual_seed(0))
+
+    def diagnostics(self):
+        return {"things": self._count}
+
+
+def test_explainer_diagnostics_become_rows_without_a_best(tmp_path, images):
+    @xbench.hookimpl
+    def register_explainers(register):
+        register(_WithDiagnostics)
+
+    registry = _registry_with(("diag", types.SimpleNamespace(register_explainers=register_explainers)))
+    config = _config(images, explainers="with-diagnostics", metrics="forward-passes")
+    summary = Runner(config, registry, tmp_path / "out").run()
+    rows = [r for r in summary.folder.rows() if r.metric == "with-diagnostics:things"]
+    assert [r.value for r in rows] == [10.0, 11.0, 10.0, 11.0, 10.0]  # batches of 2, 2, 1
+    assert {r.direction for r in rows} == {""}
+    table = leaderboard.matrix(leaderboard.run_frame(summary.folder))
+    line = table[table.column == "with-diagnostics:things"].iloc[0]
+    assert not line.best and line["mean"] == pytest.approx(10.4)

@@ -54,6 +54,12 @@ class Explainer(ABC):
         """Settings that change the output, recorded in every result row ('' when none)."""
         return ""
 
+    def diagnostics(self) -> dict[str, torch.Tensor]:
+        """Per-image facts about the last :meth:`explain` call that results must report, as
+        {name: tensor (B,)} (Score-CAM's skipped constant channels). Each becomes a row with
+        metric ``<explainer>:<name>`` and no better direction. Default: none."""
+        return {}
+
     def prepare(self, model: ClassifierHandle, image_shape: tuple[int, int, int]) -> None:
         """Optional one-time set-up (e.g. RISE's shared masks), called once per run before any
         timed explanation so its cost is not billed to the first image. Default: nothing."""

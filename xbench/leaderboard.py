@@ -80,6 +80,8 @@ def matrix(frame: pd.DataFrame, seed: int = 0) -> pd.DataFrame:
     result["best"] = False
     result["tied_with_best"] = False
     for column, group in result.groupby("column", sort=True):
+        if group.direction.iloc[0] not in ARROWS:
+            continue  # an explainer's diagnostic (e.g. skipped channels): nothing is better
         lower = group.direction.iloc[0] == "lower"
         best_index = group["mean"].idxmin() if lower else group["mean"].idxmax()
         result.loc[best_index, "best"] = True
@@ -143,7 +145,7 @@ def wide_table(matrix_frame: pd.DataFrame, markdown: bool = True) -> tuple[list[
     show_layer = len([layer for layer in layers if layer != "-"]) > 1
     head = ["explainer"] + (["layer"] if show_layer else [])
     directions = matrix_frame.drop_duplicates("column").set_index("column").direction
-    head += [f"{c} {ARROWS.get(directions[c], '')}" for c in columns]
+    head += [f"{c} {ARROWS.get(directions[c], '')}".strip() for c in columns]
     body = []
     for (explainer, layer), group in matrix_frame.groupby(["explainer", "layer"], sort=True):
         cells = group.set_index("column")

@@ -501,6 +501,11 @@ class Runner:
         rows: list[ResultRow] = []
         for metric in metrics:
             rows.extend(self._score(metric, metric_batch, batch, explainer, layer, base))
+        for key, values in explainer.diagnostics().items():
+            rows.extend(self._row(base, item, int(batch["predicted"][i]), int(batch["targets"][i]),
+                                  explainer.name, explainer.variant, layer,
+                                  f"{explainer.name}:{key}", "", "", float(values[i]))
+                        for i, item in enumerate(items))
         return rows
 
     def _score(self, metric: Metric, metric_batch: MetricBatch, batch: dict[str, Any],

@@ -120,7 +120,7 @@ def print_matrix(console: Console, folder, table) -> None:
     cells = table.set_index(["column", "explainer", "layer"])
     for column in leaderboard.column_order(table):
         direction = table[table.column == column].direction.iloc[0]
-        line = [f"{column} {leaderboard.ARROWS[direction]}"]
+        line = [f"{column} {leaderboard.ARROWS.get(direction, '')}".strip()]
         for explainer, layer in explainers:
             key = (column, explainer, layer)
             line.append(leaderboard.cell_text(cells.loc[key], markdown=False, interval=False)
