@@ -544,16 +544,20 @@ def rank_neurons(table: pd.DataFrame, method: int, layer: str) -> pd.Series:
 
 
 def pruning_table(model: ClassifierHandle, table: pd.DataFrame, layers: Sequence[LayerInfo],
-                  test: ImageSplit, ratio: float = 0.4) -> pd.DataFrame:
+                  test: ImageSplit, ratio: float = 0.4, random_draws: int = 5,
+                  seed: int = 0) -> pd.DataFrame:
     """Thesis Table 5-1: per method and layer, accuracy after zeroing the round(ratio * C)
     neurons of highest and, separately, lowest mean similarity (no fine-tuning).
 
     ``difference`` = acc_prune_bottom - acc_prune_top (positive: the high-similarity neurons
     matter more). ``pruned`` is capped at the number of ranked (ever visualised) neurons.
+    ``acc_prune_random`` (not in the thesis; a reference for both) is the mean accuracy over
+    ``random_draws`` seeded draws of as many neurons from the same ranked pool (NaN when 0).
     """
     if not 0 < ratio < 1:
         raise UserError(f"--ratio must be in (0, 1), got {ratio}")
     baseline = accuracy(model, test)
+    random_cache: dict[tuple, float] = {}
     rows = []
     for method in sorted(table["method"].unique()):
         for info in layers:
@@ -564,11 +568,28 @@ def pruning_table(model: ClassifierHandle, table: pd.DataFrame, layers: Sequence
                 acc_top = accuracy(model, test)
             with zero_channels(model, {info.name: bottom}):
                 acc_bottom = accuracy(model, test)
+            pool = tuple(sorted(ranked.index.tolist()))
+            key = (info.name, pool, n)
+            if key not in random_cache:
+                random_cache[key] = _random_pruning_accuracy(model, test, info.name, pool, n,
+                                                             random_draws, seed)
             rows.append({"method": int(method), "layer": info.name, "neurons": info.channels,
                          "never_visualised": info.channels - len(ranked), "ratio": ratio,
                          "pruned": n, "acc_baseline": baseline, "acc_prune_top": acc_top,
-                         "acc_prune_bottom": acc_bottom, "difference": acc_bottom - acc_top})
+                         "acc_prune_bottom": acc_bottom, "difference": acc_bottom - acc_top,
+                         "acc_prune_random": random_cache[key]})
     return pd.DataFrame(rows)
+
+
+def _random_pruning_accuracy(model: ClassifierHandle, test: ImageSplit, layer: str,
+                             pool: Sequence[int], n: int, draws: int, seed: int) -> float:
+    generator = torch.Generator().manual_seed(seed)
+    values = []
+    for _ in range(draws):
+        chosen = [pool[i] for i in torch.randperm(len(pool), generator=generator)[:n].tolist()]
+        with zero_channels(model, {layer: chosen}):
+            values.append(accuracy(model, test))
+    return float(np.mean(values)) if values else float("nan")
 
 
 # --------------------------------------------------------------------------------------------

@@ -329,6 +329,11 @@ def test_pruning_table_zeroes_top_and_bottom_by_mean_similarity():
     assert result["acc_prune_top"] == top and result["acc_prune_bottom"] == bottom
     assert result["difference"] == pytest.approx(bottom - top)
     assert result["acc_baseline"] == sim.accuracy(model, test)
+    assert 0 <= result["acc_prune_random"] <= 100
+    # every random draw of 4 from a pool of 4 is the same pruning
+    assert sim._random_pruning_accuracy(model, test, "features.relu1", [0, 1, 2, 4], 4, 3, 0) == bottom
+    again = sim.pruning_table(model, table, infos, test, ratio=0.25).iloc[0]
+    assert again["acc_prune_random"] == result["acc_prune_random"]  # seeded
     with pytest.raises(UserError, match="--ratio"):
         sim.pruning_table(model, table, infos, test, ratio=1.5)
 
@@ -387,6 +392,7 @@ def test_cli_end_to_end_on_digits(tmp_path, monkeypatch):
     pruning = pd.read_csv(out / "pruning.csv")
     assert list(pruning["layer"]) == ["features.relu1", "features.relu5"] * 2
     assert list(pruning["pruned"]) == [4, 16] * 2
+    assert pruning["acc_prune_random"].between(0, 100).all()
     info = json.loads((out / "run.json").read_text())
     assert info["classes"] == [0, 3] and info["ratio"] == 0.25
     assert main(["similarity", "--ratio", "2", "--out", str(out)]) == 2
