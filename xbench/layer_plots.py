@@ -12,12 +12,16 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from xbench.errors import UserError
 from xbench.records import ResultRow
 from xbench.stats import bootstrap_ci
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 OVERALL_METRIC = "insertion-deletion"
 
@@ -72,8 +76,10 @@ def layer_scores(rows: Iterable[ResultRow], variant: str | None = None,
 
 
 def draw_layer_scores(layers: list[str], points: list[LayerScore], title: str,
-                      output: Path) -> None:
-    """One line (mean) with a shaded 95% band per explainer over the layers; PNG via Agg."""
+                      output: Path) -> Figure:
+    """One line (mean) with a shaded 95% band per explainer over the layers; PNG via Agg.
+
+    Returns the figure (its axes hold one labelled line per explainer)."""
     from matplotlib.figure import Figure  # a bare Figure renders with Agg: no display needed
 
     figure = Figure(figsize=(max(6.0, 0.55 * len(layers) + 2.5), 4.8), layout="constrained")
@@ -94,6 +100,7 @@ def draw_layer_scores(layers: list[str], points: list[LayerScore], title: str,
     ax.set_title(title)
     output.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(output, format="png", dpi=100)
+    return figure
 
 
 def plot_layers(rows: Iterable[ResultRow], output: Path, title: str = "",
