@@ -200,7 +200,8 @@ def test_layer_sweep_gives_one_map_per_layer_at_the_layer_size(tmp_path, layers)
     RecordingRelevanceCAM.seen = []
     config = RunConfig(explainers="relevance-cam-recording", metrics="insertion-deletion",
                        model="toy-cnn", data=str(tmp_path / "imgs"), batch_size=2, device="cpu",
-                       channels_last=False, layers=layers)
+                       channels_last=False, layers=layers, save_maps=False,
+                       options=("insertion-deletion.step=512",))
     folder = Runner(config, registry, tmp_path / "out").run().folder
 
     handle = toy_model()
