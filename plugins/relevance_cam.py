@@ -23,7 +23,7 @@ pre-softmax score of the target class c, R^{(l)} the relevance at layer l.
    and relevance passes unchanged through an elementwise activation a = g(z) (R_z = R_a,
    Bach et al. sec. 3; captum's rule for ReLU). Max pooling is winner-take-all. Composing these
    rules gives a closed form (Ancona et al., "Towards better understanding of gradient-based
-   attribution methods", ICLR 2018, sec. 3 / prop. 2):
+   attribution methods", ICLR 2018, proposition 1):
 
        R^{(t)} = A (.) d~y^c / dA,                                           (1)
 
@@ -36,6 +36,13 @@ pre-softmax score of the target class c, R^{(l)} the relevance at layer l.
    projection convolutions of EfficientNet's MBConv blocks) use eps = 0, where the rule is
    exact because nothing is divided there. Default eps = 1e-9 (captum's EpsilonRule default),
    i.e. LRP-0; the ``epsilon`` option changes it.
+   [choice, deviation from Relevance-CAM] Lee et al. propagate with the z+ (alpha=1, beta=0)
+   rule from a contrastive start (CLRP: target relevance minus that of the other classes).
+   z+ needs a separately re-weighted copy of every layer (w+ only), which has no single
+   modified backward pass and is ill-defined through batch norm with negative scales, so it
+   cannot cover EfficientNet-Lite's depthwise-conv + batch-norm stages generically; the
+   epsilon rule can, and is the rule of captum's LRP for every layer type it supports.
+   The start is the target logit only (non-contrastive), as in Bach et al.
 
    Per architecture: for ReLU networks made of conv/linear/pooling layers (torchvision VGG-16,
    AlexNet) the result is captum's LRP/LayerLRP with EpsilonRule on every layer (the test suite
@@ -50,8 +57,8 @@ pre-softmax score of the target class c, R^{(l)} the relevance at layer l.
    Tanh, Mish; activations written as functions (F.relu) keep their plain gradient, which for
    ReLU is the same ratio.
 
-2. Inter-layer relevance weight of channel k (Relevance-CAM, Lee et al., CVPR 2021, eq. 8:
-   global sum pooling of the relevance map of the channel)::
+2. Inter-layer relevance weight of channel k (Relevance-CAM, Lee et al., CVPR 2021, sec. 3:
+   the weighting component is the relevance map of the channel summed over space)::
 
        alpha_k = sum_{i,j} R^{(t)}_{k,ij}                                      (2)
 

@@ -218,3 +218,11 @@ def test_layer_sweep_gives_one_map_per_layer_at_the_layer_size(tmp_path, layers)
     scored = [r for r in folder.rows() if r.metric == "insertion-deletion"]
     assert [r.layer for r in scored] == [n for n in names for _ in range(2)]
     assert all(r.status == "ok" for r in scored)
+
+
+def test_costs_one_forward_and_one_backward_pass_per_image():
+    model = toy_model()
+    images = toy_images(3)
+    with model.counting() as counts:
+        RelevanceCAM(layer="block").explain(model, images, torch.tensor([0, 1, 2]))
+    assert counts == {"forward": 3, "backward": 3}
