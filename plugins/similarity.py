@@ -288,9 +288,10 @@ def truncated_forward(model: ClassifierHandle, images: torch.Tensor, module: nn.
 
 @dataclass(frozen=True)
 class LayerInfo:
+    """A layer whose channels are the analysed neurons."""
+
     name: str
     channels: int
-    calls: int
 
 
 def probe_layers(model: ClassifierHandle, names: Sequence[str] | None = None) -> list[LayerInfo]:
@@ -328,7 +329,7 @@ def probe_layers(model: ClassifierHandle, names: Sequence[str] | None = None) ->
                             "activation module, pick the conv or norm layer before it)")
         if shapes[0] is None or len(shapes[0]) < 2:
             raise UserError(f"--layers {name}: its output is not a tensor (N, C, ...)")
-        infos.append(LayerInfo(name, int(shapes[0][1]), 1))
+        infos.append(LayerInfo(name, int(shapes[0][1])))
     return infos
 
 
