@@ -56,9 +56,17 @@ class AttentionHead(nn.Module):
     one class per image (B, h, w) and costs 1/C of it: W_c . F + b_c with W_c the c-th filter.
     """
 
-    def __init__(self, in_channels: int, num_classes: int) -> None:
+    def __init__(self, in_channels: int, num_classes: int, init: str = "pytorch") -> None:
         super().__init__()
         self.conv = nn.Conv2d(in_channels, num_classes, kernel_size=1, bias=True)
+        if init == "zero":
+            # A = sigmoid(0) = 0.5 everywhere at the start. PyTorch's default (uniform, bound
+            # 1/sqrt(K)) saturates the sigmoid on features with a large common mode (EfficientNet
+            # _bn1: mean -4.9, std 3.8), which freezes training at spatially constant masks.
+            nn.init.zeros_(self.conv.weight)
+            nn.init.zeros_(self.conv.bias)
+        elif init != "pytorch":
+            raise ValueError(f"head init must be 'zero' or 'pytorch', got {init!r}")
 
     @property
     def in_channels(self) -> int:
@@ -397,8 +405,9 @@ class TrainConfig:
     variant: str
     epochs: int
     seed: int = 0
-    lr: float = 1e-3
+    lr: float = 1e-4
     optimizer: str = "adam"
+    head_init: str = "zero"
     weight_decay: float = 0.0
     batch_size: int = 64
     views: int = 1

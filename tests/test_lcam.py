@@ -296,3 +296,33 @@ def test_shipped_heads_give_finite_maps_on_efficientnet_lite0():
         assert maps.shape == (1, 7, 7) and torch.isfinite(maps).all()
         assert float(maps.min()) >= 0 and float(maps.max()) <= 1
         assert float(maps.max() - maps.min()) > 1e-3, "a trained head gives a non-constant map"
+
+
+def test_zero_init_starts_at_half_masks():
+    head = lcam.AttentionHead(4, 3, init="zero")
+    maps = torch.sigmoid(head.class_maps(torch.randn(2, 4, 3, 3), torch.tensor([0, 2])))
+    assert torch.equal(maps, torch.full((2, 3, 3), 0.5))
+    with pytest.raises(ValueError, match="'zero' or 'pytorch'"):
+        lcam.AttentionHead(4, 3, init="xavier")
+
+
+@pytest.mark.real_data
+def test_train_command_checkpoints_resumes_and_ships(tmp_path):
+    if not (DATA / "imagenet_sample_1000").is_dir():
+        pytest.skip("../shared/data is absent")
+    from xbench.cli import main
+
+    out, ship = tmp_path / "train.pt", tmp_path / "ship.pt"
+    common = ["train", "lcam", "--model", "efficientnet-lite0", "--variant", "fm", "--data",
+              str(DATA / "imagenet_sample_1000"), "--limit", "4", "--batch-size", "2",
+              "--out", str(out), "--seed", "3"]
+    assert main(common + ["--epochs", "1"]) == 0
+    _, info, training = lcam.load_checkpoint(out)
+    assert (info.epochs_done, training["epoch"], info.seed) == (1, 1, 3)
+    assert info.model == "efficientnet-lite0" and info.layer == "_bn1" and info.num_classes == 1000
+    assert main(common + ["--epochs", "2", "--resume", "--ship", str(ship)]) == 0
+    _, info, training = lcam.load_checkpoint(out)
+    assert training["epoch"] == 2 and "--resume" in info.command
+    _, shipped_info, shipped_training = lcam.load_checkpoint(ship)
+    assert shipped_training is None and shipped_info.epochs_done == 2
+    assert main(common[:5] + ["img"] + common[6:] + ["--epochs", "3", "--resume"]) == 2  # refused

@@ -40,7 +40,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--epochs", type=int, required=True, help="total number of epochs")
     parser.add_argument("--out", required=True, help="checkpoint file to write (and --resume from)")
     parser.add_argument("--seed", type=int, default=0, help="seed for initialisation, order, views")
-    parser.add_argument("--lr", type=float, default=1e-3, help="learning rate (default 1e-3)")
+    parser.add_argument("--lr", type=float, default=1e-4, help="learning rate (default 1e-4)")
+    parser.add_argument("--head-init", choices=("zero", "pytorch"), default="zero",
+                        help="initial head weights: zero (masks start at 0.5; default) or "
+                             "PyTorch's default uniform init")
     parser.add_argument("--optimizer", choices=("adam", "sgd"), default="adam",
                         help="adam (default) or the authors' SGD with Nesterov momentum 0.9")
     parser.add_argument("--weight-decay", type=float, default=0.0)
@@ -71,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     config = lcam.TrainConfig(
         variant=args.variant, epochs=args.epochs, seed=args.seed, lr=args.lr,
-        optimizer=args.optimizer, weight_decay=args.weight_decay, batch_size=args.batch_size,
+        optimizer=args.optimizer, head_init=args.head_init, weight_decay=args.weight_decay, batch_size=args.batch_size,
         views=args.views if args.variant == "fm" else 1,
         loss=lcam.LossWeights(ce=args.lambda_ce, area=args.lambda_area, tv=args.lambda_tv,
                               area_power=args.area_power))
@@ -93,7 +96,7 @@ def run(args: argparse.Namespace) -> int:
     squares = load_squares(model, items, console)
     labels = torch.tensor([item.label for item in items])
     channels = lcam.layer_features(model, layer, crop_batch(model, squares[:1], None)).shape[1]
-    head = lcam.AttentionHead(channels, model.num_classes)
+    head = lcam.AttentionHead(channels, model.num_classes, init=config.head_init)
     optimizer = lcam.make_optimizer(head, config)
     out = Path(args.out)
     start_epoch = 0
@@ -108,7 +111,8 @@ def run(args: argparse.Namespace) -> int:
         seed=config.seed, data=f"{dataset.name} ({len(items)} images, subset {dataset.subset_hash})",
         loss_weights={k: float(v) for k, v in vars(config.loss).items()},
         notes=f"optimizer={config.optimizer} lr={config.lr} wd={config.weight_decay} "
-              f"batch={config.batch_size} views={config.views} init={args.init or 'random'}")
+              f"batch={config.batch_size} views={config.views} "
+              f"init={args.init or config.head_init}")
 
     features = None
     if config.variant == "fm":
