@@ -23,6 +23,7 @@ SUBCOMMANDS = {
     "plot": "xbench.cli.plot",
     "train": "xbench.cli.train",
     "similarity": "xbench.cli.similarity",
+    "report": "xbench.cli.report",
 }
 
 

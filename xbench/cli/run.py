@@ -55,6 +55,8 @@ def add_parser(subparsers) -> None:
                    "torchrun started (implied when WORLD_SIZE > 1)")
     p.add_argument("--no-leaderboard", dest="leaderboard", action="store_false",
                    help="do not regenerate LEADERBOARD.md in --out")
+    p.add_argument("--report", action="store_true",
+                   help="also write RUN_DIR/report.html (xbench report, default options)")
     p.set_defaults(func=run)
 
 
@@ -92,6 +94,10 @@ def run(args: argparse.Namespace) -> int:
     print_matrix(console, summary.folder, table)
     if args.leaderboard:
         leaderboard.write(out)
+    if args.report:
+        from xbench.report import write_report
+
+        err.print(f"wrote {write_report(summary.folder.path, registry=registry)}", highlight=False)
     err.print(f"{summary.units_done} units computed, {summary.units_skipped} already done, "
               f"{summary.failed_cells} failed cells, {summary.failed_images} unreadable images "
               f"in {elapsed:.1f} s; records in {summary.folder.path}", highlight=False)
