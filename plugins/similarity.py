@@ -338,7 +338,11 @@ def default_layers(model: ClassifierHandle) -> list[str]:
     the ReLU-family module called right after it (after any BatchNorm2d) when that unit is called
     once per forward, else the last of the conv and its BatchNorms (a shared activation module,
     as in EfficientNet-Lite or torchvision ResNets, cannot be cut at one of its uses)."""
-    leaves = {m: n for n, m in model.net.named_modules() if n and not list(m.children())}
+    # leaves, plus convolutions with children (e.g. a padding submodule): a forward hook fires
+    # when its module returns, so the recorded order is the order in which outputs are produced
+    kinds = (nn.Conv2d, nn.BatchNorm2d, *RELU_FAMILY)
+    leaves = {m: n for n, m in model.net.named_modules()
+              if n and (not list(m.children()) or isinstance(m, kinds))}
     sequence: list[str] = []
     handles = [m.register_forward_hook(lambda mod, i, o, n=n: sequence.append(n))
                for m, n in leaves.items()]

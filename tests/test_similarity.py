@@ -216,6 +216,18 @@ def test_default_layers_skip_batchnorm_and_avoid_shared_relus():
     assert len(sim.probe_layers(model, layers)) == 20
 
 
+def test_default_layers_on_efficientnet_lite_with_its_shared_relu6():
+    lite = pytest.importorskip("efficientnet_lite_pytorch")
+    net = lite.EfficientNet.from_name("efficientnet-lite0").eval()
+    loaded = LoadedModel(module=net, input_size=64, mean=(0.5,) * 3, std=(0.5,) * 3,
+                         class_names=tuple(str(i) for i in range(1000)), default_layer="_bn1")
+    layers = sim.default_layers(ClassifierHandle(loaded))
+    # its convs carry a padding child module (so they are not leaves); each block calls one
+    # _swish several times, except block 0 (no expansion, no SE), so BN outputs are taken
+    assert layers[:4] == ["_bn0", "_blocks.0._swish", "_blocks.0._bn2", "_blocks.1._bn0"]
+    assert layers[-1] == "_bn1" and len(layers) == 49
+
+
 # ---- similarity values ----------------------------------------------------------------------
 
 def test_cosine_similarity_matches_numpy_and_flags_zero_maps():

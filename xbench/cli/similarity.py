@@ -169,7 +169,14 @@ def _datasets(args, loaded, model):
     from xbench.data import open_dataset
 
     dataset = open_dataset(args.data, args.labels)
-    source = _load(dataset.items, loaded)
+    wanted = None
+    if args.classes:  # decode only the images the class averages need
+        try:
+            wanted = {int(part) for part in _split(args.classes)}
+        except ValueError:
+            raise UserError(f"--classes {args.classes}: expected comma-separated class "
+                            "indices") from None
+    source = _load([i for i in dataset.items if wanted is None or i.label in wanted], loaded)
     test_set = open_dataset(args.test_data) if args.test_data else dataset
     test_set = test_set.subset(args.limit, args.seed)
     test = _load(test_set.items, loaded)
