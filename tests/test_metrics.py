@@ -261,6 +261,14 @@ def test_bad_options_name_the_option(options, message):
         Insertion(**options)
 
 
+def test_default_batch_size_depends_on_the_device():
+    from xbench_plugins.insertion_deletion import default_batch_size
+
+    assert Insertion().batch_size is None
+    assert default_batch_size(torch.device("cpu")) == 8
+    assert default_batch_size(torch.device("cuda", 0)) == 64
+
+
 def test_unknown_option_is_rejected():
     with pytest.raises(TypeError, match="metric 'deletion' takes no option"):
         Deletion(steps=3)
