@@ -272,8 +272,13 @@ def _matrix_cell(line: pd.Series) -> str:
     css = "best" if line.best else ("tied" if line.tied_with_best else "")
     mark = " ≈" if line.tied_with_best and not line.best else ""
     extra = f' <span class="ci">{_e(interval)}</span>' if interval else ""
-    return (f'<td class="{css}" data-value="{key!r}" title="{int(line.images)} images">'
+    return (f'<td class="{css}" data-value="{float(key)!r}" title="{int(line.images)} images">'
             f"{_e(main)}{extra}{mark}</td>")
+
+
+def _label(explainer: str, layer: str, several_layers: bool) -> str:
+    """An explainer's name, with ``@layer`` when the run compares several layers."""
+    return f"{explainer}@{layer}" if several_layers and layer != "-" else explainer
 
 
 # -- gallery --------------------------------------------------------------------------------
@@ -404,7 +409,7 @@ def _gallery_section(folder: RunFolder, header: RunHeader, frame: pd.DataFrame,
         pixels = _input_pixels(image, header)
         cells = [_input_figure(image, pixels, names)]
         for explainer, layer in pairs:
-            title = f"{explainer}@{layer}" if several_layers else explainer
+            title = _label(explainer, layer, several_layers)
             cells.append(_explainer_figure(image, title, previews.get((image.image, explainer, layer)),
                                            pixels, scores.get((image.image, explainer, layer), {})))
         lines.append(f'<div class="gallery-row" data-page="{position // page_size}" '
@@ -508,10 +513,10 @@ def _curves_section(rows: list[ResultRow], header: RunHeader) -> str:
         parts.append(f"<h3>{_e(variant or 'curves')}: mean per explainer</h3>"
                      f'<div class="plot">{_png(overview, f"mean curves {variant}")}</div>')
         pairs = sorted({(explainer, layer) for _, explainer, layer in group})
-        several = len({layer for _, layer in pairs}) > 1
+        several = len({layer for _, layer in pairs if layer != "-"}) > 1
         figures = []
         for explainer, layer in pairs:
-            label = f"{explainer}@{layer}" if several else explainer
+            label = _label(explainer, layer, several)
             png = _figure_png(_explainer_curves(group, explainer, layer, label))
             figures.append(f'<div class="plot">{_png(png, f"curves {label} {variant}")}</div>')
         parts.append(f"<h3>{_e(variant or 'curves')}: per image</h3>"
@@ -579,7 +584,7 @@ def _cost_figure(cost: pd.DataFrame) -> Figure:
     metrics = [m for m in COST_METRICS if m in set(cost.metric)]
     several = len({layer for layer in cost.layer if layer != "-"}) > 1
     labels = sorted({(e, layer) for e, layer in zip(cost.explainer, cost.layer)})
-    names = [f"{e}@{layer}" if several else e for e, layer in labels]
+    names = [_label(e, layer, several) for e, layer in labels]
     figure = Figure(figsize=(3.6 * len(metrics) + 1, 0.45 * len(labels) + 1.4),
                     layout="constrained")
     axes = np.atleast_1d(figure.subplots(1, len(metrics), sharey=True))
