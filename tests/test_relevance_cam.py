@@ -82,6 +82,28 @@ def test_relevance_matches_captum_layer_lrp_with_epsilon_rule(layer):
     assert torch.allclose(ours, reference.detach(), rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.slow
+def test_relevance_matches_captum_on_torchvision_vgg16():
+    # The architecture named in the issue: torchvision VGG-16 (random weights, 32 px input to
+    # stay fast; in-place ReLUs), relevance at the last and the first conv.
+    import torchvision
+    from captum.attr import LayerLRP
+
+    torch.manual_seed(0)
+    net = torchvision.models.vgg16(weights=None)
+    model = _handle(net, 32, "features.28", 1000)
+    images = toy_images(1, size=32)
+    targets = model.probabilities(images).argmax(dim=1)
+    for layer in ("features.28", "features.0"):
+        _, ours, _ = target_layer_relevance(model, layer, images, targets)
+        reference = LayerLRP(net, model.layer(layer)).attribute(
+            images.clone().requires_grad_(True), target=targets).detach()
+        for module in net.modules():
+            if hasattr(module, "rule"):
+                del module.rule
+        assert torch.allclose(ours, reference, rtol=1e-3, atol=1e-7), layer
+
+
 class SaturatingNet(nn.Module):
     """1x1 conv (weight 2, no bias) -> ReLU6 -> global average pool -> linear (weight 3)."""
 
