@@ -64,6 +64,19 @@ def test_plot_decodes_and_has_one_line_per_explainer(tmp_path):
     assert len(ax.collections) == 2  # one bootstrap band per explainer
 
 
+def test_an_explainer_without_layer_is_a_horizontal_line(tmp_path):
+    rows = _rows() + [_row("rise", "-", image, 0.5 + 0.01 * image) for image in range(5)]
+    layers, points = layer_scores(rows)
+    assert layers == LAYERS  # "-" is not a layer
+    assert [p.layer for p in points if p.explainer == "rise"] == ["-"]
+    figure = draw_layer_scores(layers, points, "t", tmp_path / "layers.png")
+    (ax,) = figure.axes
+    labels = [line.get_label() for line in ax.get_lines() if not line.get_label().startswith("_")]
+    assert sorted(labels) == ["layercam", "relevance-cam", "rise (no layer)"]
+    (rise,) = [line for line in ax.get_lines() if line.get_label() == "rise (no layer)"]
+    assert np.allclose(rise.get_ydata(), 0.52)
+
+
 def test_missing_scores_and_ambiguous_variants_are_clear_errors(tmp_path):
     with pytest.raises(UserError, match="--metrics insertion-deletion"):
         layer_scores([_row("gradcam", "head", 0, 0.5, metric="insertion")])

@@ -24,6 +24,8 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
 OVERALL_METRIC = "insertion-deletion"
+#: the layer recorded for explainers that read none (``uses_layer = False``)
+NO_LAYER = "-"
 
 
 @dataclass(frozen=True)
@@ -43,7 +45,9 @@ def layer_scores(rows: Iterable[ResultRow], variant: str | None = None,
     """(layers in forward order, one LayerScore per (explainer, layer) that has scores).
 
     Layers keep the order in which they first appear in the rows, which is the run's forward
-    order (the runner explains a batch layer by layer in the order of ``--layers``). Only rows
+    order (the runner explains a batch layer by layer in the order of ``--layers``). Explainers
+    that read no layer (RISE, guided backprop) have layer ``NO_LAYER``: they get a point but
+    no place among the layers. Only rows
     with status "ok" count. Raises UserError when the run has no ``insertion-deletion`` rows
     or, without ``variant``, several variants of it.
     """
@@ -65,21 +69,22 @@ def layer_scores(rows: Iterable[ResultRow], variant: str | None = None,
     for row in scored:
         if row.variant == variant:
             values.setdefault((row.explainer, row.layer), []).append(float(row.value))
-    layers = list(dict.fromkeys(layer for _, layer in values))
+    order = list(dict.fromkeys(layer for _, layer in values))
     points = []
     for (explainer, layer), per_image in sorted(values.items(),
-                                                key=lambda kv: (kv[0][0], layers.index(kv[0][1]))):
+                                                key=lambda kv: (kv[0][0], order.index(kv[0][1]))):
         array = np.asarray(per_image)
         low, high = bootstrap_ci(array, seed=seed)
         points.append(LayerScore(explainer, layer, float(array.mean()), low, high, array.size))
-    return layers, points
+    return [layer for layer in order if layer != NO_LAYER], points
 
 
 def draw_layer_scores(layers: list[str], points: list[LayerScore], title: str,
                       output: Path) -> Figure:
     """One line (mean) with a shaded 95% band per explainer over the layers; PNG via Agg.
 
-    Returns the figure (its axes hold one labelled line per explainer)."""
+    An explainer that reads no layer is one dashed horizontal line with its band. Returns the
+    figure (its axes hold one labelled line per explainer)."""
     from matplotlib.figure import Figure  # a bare Figure renders with Agg: no display needed
 
     figure = Figure(figsize=(max(6.0, 0.55 * len(layers) + 2.5), 4.8), layout="constrained")
@@ -87,6 +92,11 @@ def draw_layer_scores(layers: list[str], points: list[LayerScore], title: str,
     position = {layer: i for i, layer in enumerate(layers)}
     for explainer in dict.fromkeys(p.explainer for p in points):
         line = [p for p in points if p.explainer == explainer]
+        if line[0].layer == NO_LAYER:
+            drawn = ax.axhline(line[0].mean, linestyle="--", label=f"{explainer} (no layer)")
+            ax.axhspan(line[0].ci_low, line[0].ci_high, color=drawn.get_color(), alpha=0.1,
+                       linewidth=0)
+            continue
         x = np.array([position[p.layer] for p in line])
         (drawn,) = ax.plot(x, [p.mean for p in line], marker="o", markersize=3, label=explainer)
         ax.fill_between(x, [p.ci_low for p in line], [p.ci_high for p in line],
