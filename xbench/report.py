@@ -236,7 +236,7 @@ def _matrix_section(table: pd.DataFrame) -> str:
         arrow = leaderboard.ARROWS.get(directions[column], "")
         better = (f' <span class="better" title="{directions[column]} is better">{arrow}</span>'
                   if arrow else "")
-        head.append(f'<th data-column="{_e(column)}">{_e(column)}{better}'
+        head.append(f'<th data-column="{_e(column)}">{_e(column).replace("@", "<wbr>@")}{better}'
                     '<span class="sorted"></span></th>')
     body = []
     for (explainer, layer), group in table.groupby(["explainer", "layer"], sort=True):
@@ -273,7 +273,7 @@ def _matrix_cell(line: pd.Series) -> str:
     mark = " ≈" if line.tied_with_best and not line.best else ""
     extra = f' <span class="ci">{_e(interval)}</span>' if interval else ""
     return (f'<td class="{css}" data-value="{float(key)!r}" title="{int(line.images)} images">'
-            f"{_e(main)}{extra}{mark}</td>")
+            f"{_e(main)}{mark}{extra}</td>")
 
 
 def _label(explainer: str, layer: str, several_layers: bool) -> str:
