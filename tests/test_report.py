@@ -114,7 +114,7 @@ def test_matrix_cells_hold_the_recorded_means(tiny_run, tiny_page):
     for name, cells in rows:
         values = [float(v) for v in re.findall(r'data-value="([^"]*)"', cells)]
         expected = table[table.explainer == name].set_index("column")
-        for column, value in zip(columns, values):
+        for column, value in zip(columns, values, strict=True):
             key = "median" if column == "time" else "mean"
             assert value == pytest.approx(expected.loc[column, key], rel=1e-12)
     # Grad-CAM costs 1 forward + 1 backward per image (PROTOCOL.md "Cost")
@@ -134,7 +134,7 @@ def test_gallery_shows_every_explainer_with_scores_and_classes(tiny_run, tiny_pa
     # the toy model's class names, with the index; the per-image insertion score is shown
     rows = [r for r in tiny_run.rows() if r.image == "im2.png"]
     image_row = next(r for r in rows if r.explainer == "")
-    assert f"true: class2 (2)" in page
+    assert "true: class2 (2)" in page
     assert f"predicted: class{image_row.predicted} ({image_row.predicted})" in page
     insertion = next(r for r in rows if r.explainer == "gradcam" and r.metric == "insertion")
     line = page.split('data-image="im2.png"', 1)[1].split('<div class="gallery-row"', 1)[0]

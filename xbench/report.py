@@ -343,9 +343,10 @@ def preview_file(folder: RunFolder, unit: str) -> Path:
     return folder.path / "maps" / (unit.replace(":", "__").replace("/", "_") + ".npz")
 
 
-def load_previews(folder: RunFolder, header: RunHeader,
-                  pairs: list[tuple[str, str]]) -> dict[tuple[str, str, str], np.ndarray]:
-    """{(image, explainer, layer): uint8 preview} from every batch's ``maps/`` file."""
+def load_previews(folder: RunFolder, header: RunHeader, pairs: list[tuple[str, str]],
+                  wanted: set[str]) -> dict[tuple[str, str, str], np.ndarray]:
+    """{(image, explainer, layer): uint8 preview} of the ``wanted`` images, read from every
+    batch's ``maps/`` file (missing files, e.g. a run with --no-maps, are skipped)."""
     batch_size = int(header.config.get("batch_size") or 1)
     batches = -(-int(header.dataset.get("images") or 0) // batch_size)
     out = {}
@@ -355,8 +356,9 @@ def load_previews(folder: RunFolder, header: RunHeader,
             if not path.exists():
                 continue
             with np.load(path) as data:
-                for image, preview in zip(data["images"], data["maps"]):
-                    out[(str(image), explainer, layer)] = preview
+                for image, preview in zip(data["images"], data["maps"], strict=True):
+                    if str(image) in wanted:
+                        out[(str(image), explainer, layer)] = preview
     return out
 
 
@@ -401,7 +403,7 @@ def _gallery_section(folder: RunFolder, header: RunHeader, frame: pd.DataFrame,
     shown = sample_gallery(images, max_images, sample_seed)
     if not pairs or not shown:
         return ""
-    previews = load_previews(folder, header, pairs)
+    previews = load_previews(folder, header, pairs, {image.image for image in shown})
     several_layers = len({layer for _, layer in pairs if layer != "-"}) > 1
     scores = _per_image_scores(explained)
     lines = []
@@ -526,6 +528,7 @@ def _curves_section(rows: list[ResultRow], header: RunHeader) -> str:
 
 def _explainer_curves(group: dict[tuple[str, str, str], list[ResultRow]], explainer: str,
                       layer: str, label: str) -> Figure:
+    from matplotlib.collections import LineCollection
     from matplotlib.figure import Figure
 
     figure = Figure(figsize=(6.4, 2.7), layout="constrained")
@@ -535,9 +538,9 @@ def _explainer_curves(group: dict[tuple[str, str, str], list[ResultRow]], explai
         if members:
             curves = np.array([row.curve for row in members], dtype=float)
             x = np.linspace(0.0, 1.0, curves.shape[1])
-            for curve in curves:
-                ax.plot(x, curve, color="tab:blue" if metric == "insertion" else "tab:red",
-                        alpha=0.25, linewidth=0.8)
+            ax.add_collection(LineCollection(  # one artist for all images: fast for many
+                [np.column_stack([x, curve]) for curve in curves], linewidths=0.8, alpha=0.25,
+                colors="tab:blue" if metric == "insertion" else "tab:red"))
             auc = float(np.mean([row.value for row in members]))
             ax.plot(x, curves.mean(axis=0), color="black", linewidth=2,
                     label=f"mean, AUC {auc:.3f}")
@@ -619,6 +622,7 @@ def _cost_figure(cost: pd.DataFrame) -> Figure:
 
 
 def _problems_section(frame: pd.DataFrame, images: list[GalleryImage]) -> str:
+    """Failed cells (unreadable images included) and degenerate maps, with their files."""
     paths = {image.image: image.path for image in images}
     failed = leaderboard.failures(frame)
     degenerate = frame[(frame.status == "ok") & frame.degenerate.astype(bool)][
@@ -634,25 +638,28 @@ def _problems_section(frame: pd.DataFrame, images: list[GalleryImage]) -> str:
         return str(path) if path is not None else image
 
     if not failed.empty:
-        body = "".join(
-            f"<tr><td class=\"name\">{_e(line.image)}</td><td class=\"name\">{_e(file_of(line.image))}"
-            f"</td><td class=\"name\">{_e(line.explainer or '(reading)')}</td>"
-            f"<td class=\"name\">{_e(line.layer)}</td><td class=\"name\">{_e(line.metric)}</td>"
-            f"<td class=\"name\" style=\"white-space:normal\">{_e(line.error)}</td></tr>"
-            for line in failed.itertuples())
-        parts.append(f"<h3>{len(failed)} failed cells</h3><div class=\"scroll\"><table id=\"failures\">"
-                     "<thead><tr><th class=\"name\">image</th><th class=\"name\">file</th>"
-                     "<th class=\"name\">explainer</th><th class=\"name\">layer</th>"
-                     "<th class=\"name\">metric</th><th class=\"name\">error</th></tr></thead>"
-                     f"<tbody>{body}</tbody></table></div>")
+        body = [(line.image, file_of(line.image), line.explainer or "(reading the image)",
+                 line.layer, line.metric, line.error) for line in failed.itertuples()]
+        parts.append(f"<h3>{_count(len(failed), 'failed cell')}</h3>" + _text_table(
+            "failures", ("image", "file", "explainer", "layer", "metric", "error"), body))
     if not degenerate.empty:
-        body = "".join(
-            f"<tr><td class=\"name\">{_e(line.image)}</td><td class=\"name\">{_e(file_of(line.image))}"
-            f"</td><td class=\"name\">{_e(line.explainer)}</td><td class=\"name\">{_e(line.layer)}"
-            "</td></tr>" for line in degenerate.itertuples())
-        parts.append(f"<h3>{len(degenerate)} degenerate maps</h3>"
+        body = [(line.image, file_of(line.image), line.explainer, line.layer)
+                for line in degenerate.itertuples()]
+        parts.append(f"<h3>{_count(len(degenerate), 'degenerate map')}</h3>"
                      '<p class="note">Constant or non-finite maps, scored as the all-zero map '
-                     "(PROTOCOL.md).</p><table id=\"degenerate\"><thead><tr><th class=\"name\">"
-                     "image</th><th class=\"name\">file</th><th class=\"name\">explainer</th>"
-                     f"<th class=\"name\">layer</th></tr></thead><tbody>{body}</tbody></table>")
+                     "(PROTOCOL.md).</p>"
+                     + _text_table("degenerate", ("image", "file", "explainer", "layer"), body))
     return "\n".join(parts)
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" + ("" if n == 1 else "s")
+
+
+def _text_table(table_id: str, head: Sequence[str], body: list[Sequence[Any]]) -> str:
+    """A plain left-aligned table of escaped text."""
+    cells = lambda values, tag: "".join(  # noqa: E731
+        f'<{tag} class="name">{_e(value)}</{tag}>' for value in values)
+    rows = "".join(f"<tr>{cells(line, 'td')}</tr>" for line in body)
+    return (f'<div class="scroll"><table id="{table_id}"><thead><tr>{cells(head, "th")}</tr>'
+            f"</thead><tbody>{rows}</tbody></table></div>")
