@@ -18,7 +18,7 @@ import contextlib
 import dataclasses
 import time
 from functools import partial
-from typing import Callable
+from collections.abc import Callable
 
 import pytest
 import torch

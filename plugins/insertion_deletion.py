@@ -13,6 +13,7 @@ The three metrics read the same curves, computed once per batch and memoised in
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -89,7 +90,7 @@ def _job_chunks(images: int, points: int, chunk: int) -> Iterator[torch.Tensor]:
     total = 2 * images * points
     pieces = math.ceil(total / chunk)
     bounds = [i * total // pieces for i in range(pieces + 1)]
-    for start, end in zip(bounds[:-1], bounds[1:]):
+    for start, end in itertools.pairwise(bounds):
         flat = torch.arange(start, end)
         yield torch.stack([flat // (images * points), flat // points % images, flat % points], 1)
 
@@ -116,8 +117,9 @@ def compute_curves(batch: MetricBatch, step: int, chunk: int) -> Curves:
 
 class _CausalMetric(Metric):
     """Shared options: ``step`` pixels per step (default: the image width, i.e. 224 at 224x224)
-    and ``batch_size`` step images per forward pass (default: 8 on CPU, where batches whose
-    activations fit in cache are the fastest, 64 on accelerators). The batch size changes
+    and ``batch_size`` step images per forward pass (default: 8 on CPU, as fast as larger
+    batches there in benchmarks/bench_metrics.py and light on memory; 64 on accelerators,
+    which need wide batches to be busy). The batch size changes
     which images share a forward, never which pixels move: scores agree to the float rounding
     of the model (bit for bit when its per-image output does not depend on the batch)."""
 

@@ -26,7 +26,6 @@ from xbench_plugins.insertion_deletion import (
     InsertionDeletion,
     auc,
     blurred,
-    compute_curves,
     step_counts,
 )
 
