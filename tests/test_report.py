@@ -190,6 +190,25 @@ def test_missing_input_files_still_give_overlays(tiny_run, tmp_path):
     assert pictures["gradcam on im0.png"].size == (176, 176)
 
 
+def test_a_run_without_map_previews_says_so(tiny_run, tmp_path):
+    copy = tmp_path / "run"
+    shutil.copytree(tiny_run.path, copy, ignore=shutil.ignore_patterns("maps"))
+    page = render(RunFolder(copy))
+    assert "kept no map previews" in page and "kept no map previews" not in render(tiny_run)
+    assert "gradcam on im0.png: no map" in _decoded_images(page)
+
+
+def test_an_interrupted_run_is_flagged_incomplete(tiny_run, tmp_path):
+    copy = tmp_path / "run"
+    shutil.copytree(tiny_run.path, copy)
+    progress = (copy / "progress.jsonl").read_text().splitlines(keepends=True)
+    (copy / "progress.jsonl").write_text("".join(progress[:2]))  # data unit + one explainer
+    page = render(RunFolder(copy))
+    total = tiny_run.header().units_total
+    assert f"incomplete run: 2 of {total} units finished" in page
+    assert "incomplete run" not in render(tiny_run)
+
+
 def test_gallery_sample_is_seeded_capped_and_in_dataset_order():
     images = [GalleryImage(f"im{i}", i, None, 0, 0, 0.5, None) for i in range(30)]
     images.insert(3, GalleryImage("unreadable", 99, None, None, None, None, None))

@@ -423,8 +423,10 @@ def _gallery_section(folder: RunFolder, header: RunHeader, frame: pd.DataFrame,
     pager = ('<div class="pager"><button class="prev">◀ previous</button><button class="next">'
              'next ▶</button><button class="all">show all</button> <span class="page-label">'
              "</span></div>") if pages > 1 else ""
+    missing = ("" if previews else '<p class="warn">This run kept no map previews (it ran '
+               "with --no-maps): the gallery shows inputs and scores only.</p>\n")
     return (
-        "<h2>Gallery</h2>\n"
+        f"<h2>Gallery</h2>\n{missing}"
         f'<p class="note">{_e(sampled)}: the input as the model saw it (centre crop) and each '
         "explainer's normalised map (jet, blended 50%) with the image's scores.</p>\n"
         f'<div class="gallery" data-pages="{pages}">{pager}{"".join(lines)}</div>')
