@@ -3,14 +3,18 @@ DCNN-based image classifiers using an attention mechanism", ECCV Workshops 2022,
 
 A trainable attention mechanism (AM) on the last convolutional feature maps F (K, h, w) of a
 *frozen* classifier produces one class activation map per class: a 1x1 convolution K -> C
-(weights W, bias b), A = sigmoid(W * F + b) (paper sec. 3.1; the AM has no other layer).
+(weights W, bias b) followed by a sigmoid, A = sigmoid(W * F + b); the AM has no other layer.
 During training only the map of the ground-truth class c is used:
 - L-CAM-Fm: A_c is multiplied into F and the rest of the frozen classifier ("tail") runs on it;
 - L-CAM-Img: A_c is upsampled to the input size and multiplied into the pixel-space image, which
   the whole frozen classifier classifies.
-Loss (paper eq. for L): lambda_1 CE + lambda_2 mean(A_c ** lambda_4) + lambda_3 TV(A_c) with the
-defaults of the authors' release (lambda = 1.5, 2, 0.01, 0.3; TV with squared differences and a
-0.3 border penalty), all configurable through :class:`LossWeights`.
+Loss: L = l1 CE + l2 mean((A_c + eps) ** l4) + l3 TV(A_c), with l1..l4 = 1.5, 2, 0.01, 0.3 and
+TV = squared neighbour differences plus a 0.3-weighted border term, divided by 2 * batch (the
+``get_loss`` of the authors' release, bmezaris/L-CAM models/*_L_CAM_*.py; all configurable
+through :class:`LossWeights`). One difference: the release indexes the maps with the label
+vector (``maps[:, labels]``), so every image's loss terms also see the maps of the *other*
+images' labels; here each image contributes only the map of its own label, as the paper
+describes.
 
 Inference (:class:`LCAMFm`, :class:`LCAMImg`) is ONE forward pass through the ClassifierHandle:
 a forward hook captures F during ``model(images)`` and the map of the target class,
@@ -423,7 +427,9 @@ class TrainConfig:
 
 
 def make_optimizer(head: AttentionHead, config: TrainConfig) -> torch.optim.Optimizer:
-    """Adam, or the authors' SGD (Nesterov momentum 0.9, bias learning rate x2)."""
+    """Adam (default here), or the authors' SGD (Nesterov momentum 0.9, bias learning rate x2;
+    they use lr 1e-4 and weight decay 5e-4 for ~20k steps per epoch on ImageNet; with 16-32
+    steps per epoch on a 1000-image set Adam converges in a CPU-affordable number of epochs)."""
     if config.optimizer == "sgd":
         return torch.optim.SGD([{"params": [head.conv.weight], "lr": config.lr},
                                 {"params": [head.conv.bias], "lr": 2 * config.lr}],

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import shlex
-import sys
 import time
 from pathlib import Path
 
@@ -107,7 +106,7 @@ def run(args: argparse.Namespace) -> int:
 
     info = lcam.HeadInfo(
         model=args.model, layer=layer, variant=config.variant, num_classes=model.num_classes,
-        in_channels=channels, command=" ".join(["xbench"] + [shlex.quote(a) for a in sys.argv[1:]]),
+        in_channels=channels, command=command_line(args),
         seed=config.seed, data=f"{dataset.name} ({len(items)} images, subset {dataset.subset_hash})",
         loss_weights={k: float(v) for k, v in vars(config.loss).items()},
         notes=f"optimizer={config.optimizer} lr={config.lr} wd={config.weight_decay} "
@@ -139,6 +138,25 @@ def run(args: argparse.Namespace) -> int:
         console.print(f"wrote the compact head {args.ship}")
     console.print(f"wrote {out} after {time.perf_counter() - started:.0f} s of training")
     return 0
+
+
+_RECORDED = ("model", "weights", "variant", "data", "labels", "layer", "epochs", "out", "seed",
+             "lr", "optimizer", "head_init", "weight_decay", "batch_size", "views", "limit",
+             "checkpoint_every", "resume", "init", "ship", "lambda_ce", "lambda_area", "lambda_tv",
+             "area_power")
+
+
+def command_line(args: argparse.Namespace) -> str:
+    """The training command with every setting spelled out (defaults included)."""
+    words = ["xbench", "train", "lcam"]
+    for name in _RECORDED:
+        value = getattr(args, name, None)
+        if value is None or value is False:
+            continue
+        words.append("--" + name.replace("_", "-"))
+        if value is not True:
+            words.append(shlex.quote(str(value)))
+    return " ".join(words)
 
 
 def build_model(name: str, weights: str | None) -> ClassifierHandle:
