@@ -28,6 +28,24 @@ available to us does not pin (only the abstract could be consulted), each one a 
 - Pearson r of a constant region is undefined; we score it 0 (no evidence of agreement).
   lambda <= -1 keeps every region, including the measure-zero r = -1 case, so that lambda = -1
   is exactly global transfer.
+- Transfer points: the three group outputs of the WRN-like ST1 and the three stage outputs of
+  the MobileNet-like ST2 (32, 16 and 8 px on 32x32 inputs); for EfficientNet-Lite the last block
+  of each of the three deepest resolutions (Lite0 ``_blocks.4/10/15``, Lite1 ``_blocks.6/14/20``).
+  Paired in order, so resolutions agree up to Lite0/Lite1's 224 vs 240 px inputs.
+- "Prior knowledge" of ST1: ImageNet weights for EfficientNet-Lite; a from-scratch small ST1
+  first gets ``pretrain_epochs`` (default 2) of plain cross-entropy on the training data.
+- Each student gets its own input size: images are read once at the larger student's
+  resize/crop (same 0.875 crop ratio) and resized (bilinear, antialiased) for the other.
+- Optimisation (not given in the abstract): SGD, Nesterov momentum 0.9, weight decay 5e-4,
+  cosine-annealed per step; BatchNorm statistics optionally frozen for pretrained students.
+
+Reproduce (``xbench train mutual-transfer --help``):
+- digits Table-1 demo: ``xbench train mutual-transfer --data digits --compare --out DIR``
+  (small-wrn + small-mobilenet, lambda 0.5, beta 1, grid 2x2, 3 epochs, batch 32, seed 0;
+  held-out 540 digits, stratified split with fixed seed 0);
+- ImageNet scale: ``--st1 efficientnet-lite0 --st2 efficientnet-lite1 --data
+  ../shared/data/imagenet_sample_1000 --val-data ../shared/data/ilsvrc2012_val_1000 --lr 0.001
+  --batch-size 16 --freeze-bn --compare`` (with ``--limit`` / ``--val-limit`` on a shared CPU).
 """
 
 from __future__ import annotations
@@ -436,7 +454,7 @@ class TrainConfig:
 
     st1: str
     st2: str
-    data: str
+    data: str  # "digits", "cifar10", "cifar100" or a folder
     lam: float
     beta: float
     epochs: int
@@ -449,6 +467,7 @@ class TrainConfig:
     detach_target: bool = True
     momentum: float = 0.9
     weight_decay: float = 5e-4
+    limit: int | None = None  # seeded subset of the training data (--limit)
 
     def as_dict(self) -> dict[str, Any]:
         out = dict(self.__dict__)

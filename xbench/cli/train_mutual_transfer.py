@@ -58,14 +58,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="Pearson threshold: regions with r > L transfer; -1 = global transfer (default 0.5)")
     parser.add_argument("--beta", type=float, default=1.0, metavar="B",
                         help="weight of the transfer term, loss = CE + B/2 * sum (default 1)")
-    parser.add_argument("--epochs", type=int, default=4, metavar="E", help="mutual-training epochs (default 4)")
+    parser.add_argument("--epochs", type=int, default=3, metavar="E", help="mutual-training epochs (default 3)")
     parser.add_argument("--grid", default="2x2", metavar="RxC",
                         help="local regions per attention map, rows x cols (default 2x2, k = 4)")
     parser.add_argument("--seed", type=int, default=0, help="seeds initialisation, data order, flips, dropout")
     parser.add_argument("--lr", type=float, metavar="LR",
-                        help="SGD learning rate, cosine-annealed (default 0.05 for small nets, 0.001 "
-                             "when fine-tuning pretrained EfficientNet-Lite students)")
-    parser.add_argument("--batch-size", type=int, default=64)
+                        help="SGD (Nesterov, momentum 0.9, weight decay 5e-4) learning rate, "
+                             "cosine-annealed per step (default 0.05 for small nets, 0.001 when an "
+                             "EfficientNet-Lite student is fine-tuned: 0.005 already diverges)")
+    parser.add_argument("--batch-size", type=int, default=32, help="images per step (default 32)")
     parser.add_argument("--pretrain-epochs", type=int, metavar="N",
                         help="cross-entropy epochs giving a from-scratch ST1 its prior knowledge before "
                              "mutual training (default 2 for small nets, 0 for ImageNet-pretrained ST1)")
@@ -231,7 +232,7 @@ def make_config(args: argparse.Namespace, lam: float | None = None, beta: float 
         beta=args.beta if beta is None else beta, epochs=args.epochs, grid=parse_grid(args.grid),
         seed=args.seed, lr=args.lr if args.lr is not None else (0.05 if both_small else 0.001),
         batch_size=args.batch_size, pretrain_epochs=pretrain, freeze_bn=args.freeze_bn,
-        detach_target=not args.target_grad)
+        detach_target=not args.target_grad, limit=args.limit)
 
 
 def initial_students(config: Any, train: Any, console: Console) -> tuple[dict[str, Any], list[dict]]:
