@@ -98,40 +98,65 @@ ACTIVATIONS: tuple[type[nn.Module], ...] = (
     nn.ReLU, nn.Hardtanh, nn.LeakyReLU, nn.ELU, nn.SiLU, nn.Hardswish, nn.GELU, nn.Tanh, nn.Mish)
 
 
-def _stabilised(z: torch.Tensor, epsilon: float) -> torch.Tensor:
-    """z + eps * sign(z), with sign(0) = +1 (Bach et al. eq. 58)."""
-    return z + epsilon * torch.where(z >= 0, 1.0, -1.0).to(z.dtype)
+class _LRPActivation(torch.autograd.Function):
+    """Identity on the activation's output whose backward to the input z is the LRP ratio.
+
+    forward(z, out) returns ``out`` (a view, no copy); backward multiplies the incoming
+    gradient by g(z) / (z + eps sign z) (sign(0) = +1, Bach et al. eq. 58), computed only for
+    the activations the backward pass actually reaches. At z = 0 the ratio is 0 (g(0) = 0).
+    """
+
+    @staticmethod
+    def forward(ctx, z, out, epsilon):
+        ctx.save_for_backward(z, out)
+        ctx.epsilon = epsilon
+        return out.view_as(out)
+
+    @staticmethod
+    def backward(ctx, grad):
+        z, out = ctx.saved_tensors
+        eps = ctx.epsilon
+        # in place where possible: this runs at every activation between the target and the
+        # logits, on the largest tensors of the network
+        ratio = out / torch.where(z >= 0, eps, -eps).to(z.dtype).add_(z)
+        if eps == 0:
+            ratio.nan_to_num_(nan=0.0)  # 0 / 0 where z = 0
+        return ratio.mul_(grad), None, None
 
 
 @contextlib.contextmanager
-def lrp_activations(net: nn.Module, epsilon: float) -> Iterator[None]:
+def lrp_activations(net: nn.Module, epsilon: float,
+                    after: nn.Module | None = None) -> Iterator[None]:
     """Within the block, every activation module's backward is the LRP ratio g(z)/(z+eps sign z).
 
-    The forward value is unchanged bit for bit: the module's output becomes
-    ``out + (z * r - (z * r).detach())`` with ``r`` the detached ratio, whose gradient with
-    respect to z is r. In-place activations get a copy of their input so that z survives.
-    Hooks are removed on exit whatever happens.
+    The forward values are unchanged bit for bit (the output passes through
+    :class:`_LRPActivation`). With ``after``, only activations called after that module's
+    forward has returned are changed: the ones upstream of a target layer never see the
+    backward pass, so they are left alone (less work). In-place activations get a copy of their
+    input so that z survives. Hooks are removed on exit whatever happens.
     """
+    state = {"active": after is None}
     handles = []
+    if after is not None:
+        handles.append(after.register_forward_hook(
+            lambda _m, _i, _o: state.__setitem__("active", True)))
     for module in net.modules():
         if isinstance(module, ACTIVATIONS):
             slot: dict[str, torch.Tensor] = {}
 
             def pre_hook(mod, inputs, slot=slot):
+                if not state["active"]:
+                    return None
                 slot["z"] = inputs[0]
                 if getattr(mod, "inplace", False):
                     return (inputs[0].clone(),) + tuple(inputs[1:])
                 return None
 
             def hook(_mod, _inputs, output, slot=slot):
-                z = slot.pop("z")
-                if not (z.requires_grad and isinstance(output, torch.Tensor)):
+                z = slot.pop("z", None)
+                if z is None or not (z.requires_grad and isinstance(output, torch.Tensor)):
                     return None
-                zd = z.detach()
-                denominator = _stabilised(zd, epsilon)
-                ratio = torch.where(zd != 0, output.detach() / denominator, torch.zeros_like(zd))
-                passthrough = z * ratio
-                return output.detach() + (passthrough - passthrough.detach())
+                return _LRPActivation.apply(z, output.detach(), epsilon)
 
             handles.append(module.register_forward_pre_hook(pre_hook))
             handles.append(module.register_forward_hook(hook))
@@ -153,7 +178,7 @@ def target_layer_relevance(model: ClassifierHandle, layer: str | None, images: t
     back-propagating the sum of their target logits gives each its own relevance.
     """
     module = model.layer(layer)
-    with torch.enable_grad(), lrp_activations(model.net, epsilon), \
+    with torch.enable_grad(), lrp_activations(model.net, epsilon, after=module), \
             capture_activations(module, keep_grad=False) as store:
         logits = model(images.detach().requires_grad_(True))
         if "activation" not in store:
