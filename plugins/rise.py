@@ -39,7 +39,7 @@ class RISE(Explainer):
     summary = "RISE: confidence-weighted average of N random masks (N forwards per image)"
 
     def __init__(self, layer: str | None = None, seed: int = 0, n_masks: int = 4000, s: int = 7,
-                 p1: float = 0.5, batch_size: int = 32, **options) -> None:
+                 p1: float = 0.5, batch_size: int = 64, **options) -> None:
         super().__init__(layer=layer, seed=seed, **options)
         checks = {"n_masks": (n_masks, int(n_masks) >= 1, "an integer >= 1"),
                   "s": (s, int(s) >= 1, "an integer >= 1 (grid cells per side)"),

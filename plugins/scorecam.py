@@ -67,7 +67,7 @@ class ScoreCAM(Explainer):
     needs_gradients = False
     summary = "Score-CAM: activation maps weighted by masked-input confidence (1 + K forwards)"
 
-    def __init__(self, layer: str | None = None, seed: int = 0, batch_size: int = 32,
+    def __init__(self, layer: str | None = None, seed: int = 0, batch_size: int = 64,
                  max_channels: int | None = None, **options) -> None:
         super().__init__(layer=layer, seed=seed, **options)
         if int(batch_size) < 1:
