@@ -26,14 +26,20 @@ def masked_probabilities(batch: MetricBatch, retentions: tuple[float, ...], mask
     """{r: O (B,)}: p_c of the images masked by their maps kept at each retention, memoised."""
     key = ("average-drop/masked", retentions, masking)
     if key not in batch.cache:
-        masked = torch.cat([
-            batch.images * retention_mask(batch.saliency, r, binary=masking == "binary")[:, None]
-            for r in retentions
-        ])
-        targets = batch.targets.repeat(len(retentions))
-        probs = batch.model.probabilities(masked, batch_size=chunk)
-        target_probs = probs.gather(1, targets[:, None])[:, 0].view(len(retentions), -1)
-        batch.cache[key] = dict(zip(retentions, target_probs))
+        masks = torch.cat([retention_mask(batch.saliency, r, binary=masking == "binary")
+                           for r in retentions])
+        # An all-ones mask (binary r = 100%) leaves the image unchanged: O is Y exactly. A new
+        # forward would only add float noise that flips O > Y at random, so none is made.
+        unchanged = (masks == 1).flatten(1).all(dim=1)
+        clean = batch.clean_probs.repeat(len(retentions))
+        target_probs = clean.clone()
+        if not bool(unchanged.all()):
+            changed = (~unchanged).nonzero()[:, 0]
+            images = batch.images.repeat(len(retentions), 1, 1, 1)[changed]
+            probs = batch.model.probabilities(images * masks[changed][:, None], batch_size=chunk)
+            targets = batch.targets.repeat(len(retentions))[changed]
+            target_probs[changed] = probs.gather(1, targets[:, None])[:, 0].to(clean.dtype)
+        batch.cache[key] = dict(zip(retentions, target_probs.view(len(retentions), -1)))
     return batch.cache[key]
 
 

@@ -87,6 +87,10 @@ class ScoreCAM(Explainer):
     def variant(self) -> str:
         return "" if self.max_channels is None else f"max_channels={self.max_channels}"
 
+    def diagnostics(self) -> dict[str, torch.Tensor]:
+        """Constant channels skipped (weight 0, no forward pass) per image of the last call."""
+        return {"skipped-channels": self.last_skipped.double()}
+
     def explain(self, model, images, targets):
         module = model.layer(self.layer)
         with torch.inference_mode():

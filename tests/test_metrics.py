@@ -330,6 +330,20 @@ def test_average_drop_counts_one_forward_per_retention_level(tiny):
     assert counts["forward"] == 3 * 3
 
 
+def test_binary_full_retention_reuses_the_clean_probability(tiny):
+    # r=100% binary is the unchanged image: O must be Y itself (no forward whose batch
+    # composition could add float noise and flip O > Y), so AD = AI = 0 exactly
+    model, images, saliency = tiny
+    batch = make_batch(model, images, saliency)
+    batch.clean_probs = batch.clean_probs + 1e-7  # what another batch composition may give
+    with model.counting() as counts:
+        drop = AverageDrop(retentions=(1.0, 0.5), masking="binary").score(batch)
+        increase = AverageIncrease(retentions=(1.0, 0.5), masking="binary").score(batch)
+    assert counts["forward"] == images.shape[0]  # r=50% only
+    assert torch.equal(drop["r=100%,binary"], torch.zeros(images.shape[0]))
+    assert torch.equal(increase["r=100%,binary"], torch.zeros(images.shape[0]))
+
+
 # --------------------------------------------------------------------------------------------
 # Invariances
 
