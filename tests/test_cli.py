@@ -67,3 +67,27 @@ def test_explain_writes_an_overlay_png(tmp_path):
 def test_bad_input_gets_a_clear_message_and_exit_2(argv, message, capsys):
     assert main(argv) == 2
     assert message in capsys.readouterr().err
+
+
+def test_the_matrix_is_split_to_fit_the_terminal_never_folded():
+    import io
+    from pathlib import Path
+
+    from rich.console import Console
+
+    from xbench import leaderboard
+    from xbench.cli.run import print_matrix
+    from xbench.records import RunFolder
+
+    # the committed default run: ten explainers, far wider than 80 columns
+    folder = RunFolder(Path(__file__).parents[1] / "results" / "efficientnet-lite0_sample_quick")
+    _, table = leaderboard.run_section(folder)
+    buffer = io.StringIO()
+    print_matrix(Console(file=buffer, width=80), folder, table)
+    lines = buffer.getvalue().splitlines()
+    assert max(map(len, lines)) <= 80
+    header_lines = [line for line in lines if line.startswith("┃ metric")]
+    assert len(header_lines) >= 2  # more than one table
+    shown = {name.strip() for line in header_lines for name in line.split("┃")[2:-1]}
+    assert shown == set(table.explainer)  # every explainer, each name whole
+    assert sum("average-drop@r=100% ↓" in line for line in lines) == len(header_lines)

@@ -119,7 +119,7 @@ def cell_text(line: pd.Series, markdown: bool = True, interval: bool = True) -> 
     """A cell as text: mean [95% CI] (time: median (IQR)), best bold, ties with the best ≈."""
     if line.metric == "time":
         text = format_number(line["median"])
-        if interval:
+        if interval and line.q1 != line.q3:  # equal when every image shared one timed batch
             text += f" (IQR {format_number(line.q1)}–{format_number(line.q3)})"
     elif line.ci_low == line.ci_high or not interval:
         text = format_number(line["mean"])
@@ -191,8 +191,12 @@ def run_section(folder: RunFolder) -> tuple[str, pd.DataFrame]:
                      "see rows.jsonl")
     degenerate = frame[(frame.degenerate) & (frame.status == "ok")]
     if not degenerate.empty:
-        count = degenerate[["image", "explainer", "layer"]].drop_duplicates().shape[0]
-        lines.append(f"- degenerate maps (constant/NaN/Inf, scored as all-zero): {count}")
+        maps = degenerate[["image", "explainer", "layer"]].drop_duplicates()
+        per_explainer = maps.groupby(["explainer", "layer"]).size()
+        where = ", ".join(f"{explainer}{'' if layer in ('', '-') else f' @{layer}'} {count}"
+                          for (explainer, layer), count in per_explainer.items())
+        lines.append(f"- degenerate maps (constant/NaN/Inf, scored as all-zero): {len(maps)} "
+                     f"({where})")
     lines.append("")
     if not table.empty:
         head, body = wide_table(table)

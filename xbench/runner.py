@@ -315,10 +315,12 @@ class Runner:
                             f"--overwrite / a new --name.")
 
     def _warm_up(self, handle: ClassifierHandle, explainers: list[tuple[str, Explainer]]) -> None:
-        """One forward+backward (kernel selection, allocator) and each explainer's one-time
-        set-up, so that neither is billed to the first timed image (PROTOCOL.md "Cost")."""
+        """One forward+backward at the run's batch shape (kernel selection, allocator) and each
+        explainer's one-time set-up, so that neither is billed to the first timed explainer
+        (PROTOCOL.md "Cost")."""
         size = handle.input_size
-        x = torch.rand(1, 3, size, size, device=self.device, requires_grad=True)
+        batch = max(1, min(self.config.batch_size, len(self.dataset.items)))
+        x = torch.rand(batch, 3, size, size, device=self.device, requires_grad=True)
         with torch.enable_grad():
             handle(x).max().backward()
         shape = (3, size, size)

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import argparse
 
-from rich.console import Console
 from rich.table import Table
+
+from xbench.cli.console import table_console
 
 from xbench.plugins import build_registry
 
@@ -20,7 +21,7 @@ def run(args: argparse.Namespace) -> int:
     from xbench.cli import blocked_plugins
 
     registry = build_registry(blocked=blocked_plugins(args))
-    console = Console()
+    console = table_console()
     table = Table(title="xbench plugins")
     for column in ("name", "kind", "plugin", "version", "source", "summary"):
         table.add_column(column, overflow="fold")

@@ -10,6 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 from xbench import leaderboard
+from xbench.cli.console import table_console
 from xbench.cli.progress import rich_progress
 from xbench.plugins import build_registry
 from xbench.runner import DTYPES, TARGET_RULES, RunConfig, Runner
@@ -68,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
     rank, world, device = 0, 1, args.device
     if args.distributed or distributed.from_environment()[1] > 1:
         rank, world, device = distributed.initialise(args.device)
-    console = Console(quiet=rank != 0)
+    console = table_console(quiet=rank != 0)
     err = Console(stderr=True, quiet=rank != 0)
     registry = build_registry(blocked=blocked_plugins(args))
     for message in registry.load_errors:
@@ -113,26 +114,46 @@ def print_matrix(console: Console, folder, table) -> None:
     if table.empty:
         console.print(f"{title}: no scores")
         return
-    # Transposed for the terminal: one line per metric column, one column per explainer;
-    # the intervals are in LEADERBOARD.md.
+    # Transposed for the terminal: one line per metric column, one column per explainer, and
+    # as many tables as it takes to fit the width (never folded cells); intervals are in
+    # LEADERBOARD.md.
     explainers = sorted(set(zip(table.explainer, table.layer)))
     show_layer = len({layer for _, layer in explainers if layer != "-"}) > 1
-    rich_table = Table(title=title, caption="bold: best; ≈: tied with best (paired bootstrap); "
-                       "95% intervals in LEADERBOARD.md", show_lines=False)
-    rich_table.add_column("metric")
-    for explainer, layer in explainers:
-        rich_table.add_column(f"{explainer}\n{layer}" if show_layer else explainer,
-                              justify="right")
     cells = table.set_index(["column", "explainer", "layer"])
-    for column in leaderboard.column_order(table):
-        direction = table[table.column == column].direction.iloc[0]
-        line = [f"{column} {leaderboard.ARROWS.get(direction, '')}".strip()]
-        for explainer, layer in explainers:
-            key = (column, explainer, layer)
-            line.append(leaderboard.cell_text(cells.loc[key], markdown=False, interval=False)
-                        if key in cells.index else "")
-        rich_table.add_row(*line)
-    console.print(rich_table)
+    columns = leaderboard.column_order(table)
+    labels = [f"{column} {leaderboard.ARROWS.get(direction, '')}".strip()
+              for column in columns
+              for direction in [table[table.column == column].direction.iloc[0]]]
+    texts = {key: leaderboard.cell_text(cells.loc[key], markdown=False, interval=False)
+             for key in cells.index}
+    headers = [f"{explainer}\n{layer}" if show_layer else explainer
+               for explainer, layer in explainers]
+
+    def width(index: int) -> int:
+        explainer, layer = explainers[index]
+        content = [len(part) for part in headers[index].split("\n")]
+        content += [len(texts.get((column, explainer, layer), "")) for column in columns]
+        return max(content) + 3  # padding and the border
+
+    room = max(console.width - max(map(len, labels)) - 4, 1)
+    groups: list[list[int]] = [[]]
+    for index in range(len(explainers)):
+        if groups[-1] and sum(map(width, groups[-1])) + width(index) > room:
+            groups.append([])
+        groups[-1].append(index)
+    for number, group in enumerate(groups):
+        last = number == len(groups) - 1
+        rich_table = Table(
+            title=title if number == 0 else None,
+            caption="bold: best; ≈: tied with best (paired bootstrap); 95% intervals in "
+                    "LEADERBOARD.md" if last else None)
+        rich_table.add_column("metric", no_wrap=True)
+        for index in group:
+            rich_table.add_column(headers[index], justify="right", no_wrap=True)
+        for column, label in zip(columns, labels):
+            rich_table.add_row(label, *(texts.get((column, *explainers[index]), "")
+                                        for index in group))
+        console.print(rich_table)
     failed = leaderboard.failures(frame)
     if not failed.empty:
         console.print(f"[red]{len(failed)} failed cells[/], first: "

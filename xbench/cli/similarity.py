@@ -22,6 +22,7 @@ from rich.console import Console
 from rich.table import Table
 
 from xbench import PROTOCOL_VERSION, __version__
+from xbench.cli.console import table_console
 from xbench.errors import UserError
 
 DESCRIPTION = """Per-neuron similarity values (Wang Xinyuan 2022, PROTOCOL.md "Neuron similarity
@@ -130,8 +131,7 @@ def run(args: argparse.Namespace) -> int:
                                     random_draws=args.random_draws, seed=args.seed)
         pruning.to_csv(out / "pruning.csv", index=False)
     _write_run(out / "run.json", args, loaded, data_info, classes, layers, methods, started)
-    stdout = Console()
-    _print_results(stdout if stdout.is_terminal else Console(width=160), curves, pruning)
+    _print_results(table_console(), curves, pruning)
     console.print(f"results in {out}")
     return 0
 

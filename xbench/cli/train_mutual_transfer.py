@@ -26,6 +26,7 @@ from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, 
                            TimeRemainingColumn)
 from rich.table import Table
 
+from xbench.cli.console import table_console
 from xbench.errors import UserError
 
 BUILTIN_DATA = ("digits", "cifar10", "cifar100")
@@ -349,7 +350,7 @@ def run(args: argparse.Namespace) -> int:
     for label in ("before", "after"):
         if summary[label]:
             table.add_row(f"top-1 {label}", f"{summary[label]['top1_st1']:.4f}", f"{summary[label]['top1_st2']:.4f}")
-    Console().print(table)
+    table_console().print(table)
     console.print(f"checkpoint: {out}  (xbench run --model mutual-transfer --checkpoint {out} --member st1)")
     return 0
 
@@ -397,7 +398,7 @@ def _compare(args: argparse.Namespace, train: Any, test: Any, out: Path, console
                       f"{after['top1_st2']:.4f}", kept)
         rows.append({"regime": regime, "lambda": cfg["lam"], "beta": cfg["beta"],
                      "top1_st1": after["top1_st1"], "top1_st2": after["top1_st2"], "kept": after["kept"]})
-    Console().print(table)
+    table_console().print(table)
     (out / "table1.json").write_text(json.dumps(
         {"train": train.name, "test": test.name, "test_images": len(test), "seed": args.seed,
          "epochs": args.epochs, "grid": args.grid, "start": before, "rows": rows,
