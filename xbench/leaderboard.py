@@ -60,6 +60,8 @@ def matrix(frame: pd.DataFrame, seed: int = 0) -> pd.DataFrame:
     scored = frame[(frame.explainer != "") & (frame.status == "ok") & frame.value.notna()]
     # columns keep the order the metrics produced them in (retention 100%, 50%, 15%, ...)
     first_seen = {column: i for i, column in enumerate(dict.fromkeys(scored.column))}
+    # layers keep the runner's order (forward order), not the alphabet (_blocks.10 < _blocks.2)
+    layer_seen = {layer: i for i, layer in enumerate(dict.fromkeys(scored.layer))}
     out = []
     for (explainer, layer, column), cell in scored.groupby(["explainer", "layer", "column"],
                                                           sort=True):
@@ -72,11 +74,12 @@ def matrix(frame: pd.DataFrame, seed: int = 0) -> pd.DataFrame:
             "ci_low": low, "ci_high": high, "median": float(np.median(values)),
             "q1": float(np.quantile(values, 0.25)), "q3": float(np.quantile(values, 0.75)),
             "images": int(values.size), "degenerate": int(cell.degenerate.sum()),
-            "order": first_seen[column],
+            "order": first_seen[column], "layer_order": layer_seen[layer],
         })
     result = pd.DataFrame(out, columns=["explainer", "layer", "column", "metric", "variant",
                                         "direction", "mean", "ci_low", "ci_high", "median", "q1",
-                                        "q3", "images", "degenerate", "order"])
+                                        "q3", "images", "degenerate", "order",
+                                        "layer_order"])
     result["best"] = False
     result["tied_with_best"] = False
     for column, group in result.groupby("column", sort=True):
@@ -138,6 +141,13 @@ def column_order(matrix_frame: pd.DataFrame) -> list[str]:
     return sorted(firsts.index, key=lambda column: firsts[column])
 
 
+def explainer_layers(matrix_frame: pd.DataFrame) -> list[tuple[str, str]]:
+    """(explainer, layer) pairs of the matrix: explainers by name, layers in forward order."""
+    pairs = matrix_frame.drop_duplicates(["explainer", "layer"])
+    pairs = pairs.sort_values(["explainer", "layer_order"], kind="stable")
+    return list(zip(pairs.explainer, pairs.layer))
+
+
 def wide_table(matrix_frame: pd.DataFrame, markdown: bool = True) -> tuple[list[str], list[list[str]]]:
     """(header, rows) of the matrix as text: one row per explainer (and layer)."""
     columns = column_order(matrix_frame)
@@ -147,7 +157,8 @@ def wide_table(matrix_frame: pd.DataFrame, markdown: bool = True) -> tuple[list[
     directions = matrix_frame.drop_duplicates("column").set_index("column").direction
     head += [f"{c} {ARROWS.get(directions[c], '')}".strip() for c in columns]
     body = []
-    for (explainer, layer), group in matrix_frame.groupby(["explainer", "layer"], sort=True):
+    for explainer, layer in explainer_layers(matrix_frame):
+        group = matrix_frame[(matrix_frame.explainer == explainer) & (matrix_frame.layer == layer)]
         cells = group.set_index("column")
         line = [explainer] + ([layer] if show_layer else [])
         line += [cell_text(cells.loc[c], markdown) if c in cells.index else "" for c in columns]

@@ -239,8 +239,8 @@ def _matrix_section(table: pd.DataFrame) -> str:
         head.append(f'<th data-column="{_e(column)}">{_e(column).replace("@", "<wbr>@")}{better}'
                     '<span class="sorted"></span></th>')
     body = []
-    for (explainer, layer), group in table.groupby(["explainer", "layer"], sort=True):
-        cells = group.set_index("column")
+    for explainer, layer in leaderboard.explainer_layers(table):
+        cells = table[(table.explainer == explainer) & (table.layer == layer)].set_index("column")
         line = [f'<td class="name">{_e(explainer)}</td>']
         if show_layer:
             line.append(f'<td class="name">{_e(layer)}</td>')

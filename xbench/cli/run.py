@@ -117,7 +117,7 @@ def print_matrix(console: Console, folder, table) -> None:
     # Transposed for the terminal: one line per metric column, one column per explainer, and
     # as many tables as it takes to fit the width (never folded cells); intervals are in
     # LEADERBOARD.md.
-    explainers = sorted(set(zip(table.explainer, table.layer)))
+    explainers = leaderboard.explainer_layers(table)
     show_layer = len({layer for _, layer in explainers if layer != "-"}) > 1
     cells = table.set_index(["column", "explainer", "layer"])
     columns = leaderboard.column_order(table)
