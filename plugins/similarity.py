@@ -13,12 +13,14 @@ PROTOCOL.md "Neuron similarity value". For every class i, chosen layer j and neu
 - per-layer mean/std curves, and the pruning check: zero the ``ratio`` highest- and, separately,
   lowest-similarity neurons of one layer (no fine-tuning) and compare test accuracy (Table 5-1).
 
-Why no ``similarity-value`` Metric is registered: :class:`xbench.Metric` scores a batch of
-per-image saliency maps produced by an explainer and returns one value per image. This analysis
-has no explainer and no per-image map: it reads a model and a labelled dataset and returns
-one value per (class, layer, neuron). Registering it as a Metric would mean inventing a per-image
-score it does not define. It is offered as library functions and the ``xbench similarity``
-command instead; the embedded digits model is registered as the Model ``digits-vgg``.
+The model-scope Metric ``similarity-value`` (:class:`SimilarityValue`) is the per-image form
+of the same quantity, for the regular run matrix: with the explained image x in place of the
+class average image I_i and its target class in place of i, it scores the mean over the chosen
+neurons of s_jk (method 1: cos(GBP(x, j, k), x); method 2: against GBP(x, output, target)).
+It reads no explainer's map, so the runner computes it once per image (``kind = "model"``) and
+only when asked for (``--metrics similarity-value``). The thesis's analysis proper (class
+averages, curves, pruning) is the ``xbench similarity`` command; the embedded digits model is
+registered as the Model ``digits-vgg``.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from xbench import LoadedModel, Model, hookimpl
+from xbench import LoadedModel, Metric, MetricBatch, Model, hookimpl
 from xbench.errors import UserError
 from xbench.model import ClassifierHandle
 # One guided-backprop rule for the whole project (Springenberg et al. 2015): at every call of every
@@ -695,6 +697,79 @@ def plot_neurons(visuals: dict[tuple[int, str, int], NeuronVisuals], image: torc
     fig.savefig(path, dpi=100)
 
 
+# --------------------------------------------------------------------------------------------
+# The per-image, model-scope metric
+# --------------------------------------------------------------------------------------------
+
+
+def spread_channels(count: int, wanted: int | None) -> torch.Tensor:
+    """``wanted`` channel indices evenly spread over 0..count-1 (all of them when None or more)."""
+    if wanted is None or wanted >= count:
+        return torch.arange(count)
+    return torch.linspace(0, count - 1, wanted).round().long().unique()
+
+
+class SimilarityValue(Metric):
+    """Mean neuron similarity value of one layer on each image (higher: the layer's neurons
+    respond to more of what the image or the class evidence shows).
+
+    Per image x with target c, layer j (default: the model's CAM layer) and each chosen neuron
+    k: s_jk = cos(GBP(x, j, k), R) with R = x (method 1) or R = GBP(x, output, c) (method 2);
+    the score is the mean of s_jk over the neurons whose visualisation is not all zero (a
+    never-activated neuron has no similarity, as in the thesis). ``neurons`` (default 64,
+    None = all) evenly spaced channels bound the cost: ceil(neurons / channel_batch) truncated
+    forwards and backwards of ``channel_batch`` copies, plus one forward and backward for
+    method 2, per image.
+    """
+
+    name = "similarity-value"
+    direction = "higher"
+    kind = "model"
+    summary = ("neuron similarity value (Wang 2022) per image: mean cosine of the layer's "
+               "per-neuron guided backprop with the image / the class evidence (model-scope)")
+
+    def __init__(self, layer: str | None = None, methods: Sequence[int] = METHODS,
+                 neurons: int | None = 64, channel_batch: int = 64, **options) -> None:
+        super().__init__(**options)
+        methods = (methods,) if isinstance(methods, int) else tuple(int(m) for m in methods)
+        if not methods or any(m not in METHODS for m in methods):
+            raise ValueError(f"option methods must be a subset of {METHODS}, got {methods}")
+        if neurons is not None and int(neurons) < 1:
+            raise ValueError(f"option neurons must be >= 1 or None (all), got {neurons}")
+        if int(channel_batch) < 1:
+            raise ValueError(f"option channel_batch must be >= 1, got {channel_batch}")
+        self.layer, self.methods = layer, methods
+        self.neurons = None if neurons is None else int(neurons)
+        self.channel_batch = int(channel_batch)
+
+    def score(self, batch: MetricBatch) -> dict[str, torch.Tensor]:
+        model = batch.model
+        layer = self.layer or model.default_layer
+        module = model.layer(layer)
+        with torch.no_grad():
+            count = truncated_forward(model, batch.images[:1], module).shape[1]
+        channels = spread_channels(count, self.neurons)
+        values = {method: torch.full((len(batch.images),), float("nan"), dtype=torch.float64)
+                  for method in self.methods}
+        for i, (image, target) in enumerate(zip(batch.images, batch.targets.tolist())):
+            gbp, _ = channel_guided_backprop(model, image, layer, channels, self.channel_batch)
+            references = {1: image}
+            if 2 in self.methods:
+                references[2] = class_guided_backprop(model, image, target)
+            for method in self.methods:
+                similarity = cosine_similarity(gbp, references[method])
+                if bool(torch.isfinite(similarity).any()):
+                    values[method][i] = similarity.nanmean()
+        neurons = "all" if self.neurons is None else len(channels)
+        return {f"method={method},layer={layer},neurons={neurons}": values[method]
+                for method in self.methods}
+
+
 @hookimpl
 def register_models(register):
     register(DigitsVGG)
+
+
+@hookimpl
+def register_metrics(register):
+    register(SimilarityValue)

@@ -409,3 +409,67 @@ def test_cli_end_to_end_on_digits(tmp_path, monkeypatch):
     assert info["classes"] == [0, 3] and info["ratio"] == 0.25
     assert main(["similarity", "--ratio", "2", "--out", str(out)]) == 2
     assert main(["similarity", "--classes", "12", "--out", str(out)]) == 2
+
+
+# ---- the model-scope metric similarity-value ---------------------------------------------------
+
+def test_similarity_value_metric_by_hand_with_a_dead_neuron():
+    from xbench import MetricBatch
+
+    model = digits_handle()
+    conv = model.net.features.conv5 if hasattr(model.net.features, "conv5") else [
+        m for m in model.net.features if isinstance(m, nn.Conv2d)][-1]
+    with torch.no_grad():  # channel 0 of the last conv never fires: no visualisation
+        conv.weight[0] = 0
+        conv.bias[0] = -1
+    images = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    targets = torch.tensor([3, 7])
+    batch = MetricBatch(model=model, images=images, targets=targets, saliency=None,
+                        degenerate=None, clean_probs=torch.ones(2), explain_forward=None,
+                        explain_backward=None, explain_seconds=None)
+    metric = sim.SimilarityValue(layer="features.relu5", neurons=None, channel_batch=5)
+    scores = metric.score(batch)
+    assert set(scores) == {"method=1,layer=features.relu5,neurons=all",
+                           "method=2,layer=features.relu5,neurons=all"}
+    for i in range(2):
+        single, _ = sim.channel_guided_backprop(model, images[i], "features.relu5", channel_batch=1)
+        flat = single.reshape(len(single), -1).double().numpy()
+        assert not flat[0].any()  # the dead neuron
+        phi = sim.class_guided_backprop(model, images[i], int(targets[i])).reshape(-1).double().numpy()
+        for key, reference in (("method=1", images[i].reshape(-1).double().numpy()), ("method=2", phi)):
+            alive = flat[np.linalg.norm(flat, axis=1) > 0]  # channel 0 and any other dead one
+            cosines = alive @ reference / (np.linalg.norm(alive, axis=1) * np.linalg.norm(reference))
+            value = scores[f"{key},layer=features.relu5,neurons=all"][i].item()
+            assert value == pytest.approx(cosines.mean(), rel=1e-6)
+    assert no_hooks_left(model.net)
+
+
+def test_similarity_value_spreads_neurons_and_validates_options():
+    assert sim.spread_channels(10, 4).tolist() == [0, 3, 6, 9]
+    assert sim.spread_channels(3, 8).tolist() == [0, 1, 2]
+    assert sim.spread_channels(5, None).tolist() == [0, 1, 2, 3, 4]
+    with pytest.raises(ValueError, match="methods"):
+        sim.SimilarityValue(methods=(3,))
+    with pytest.raises(ValueError, match="neurons"):
+        sim.SimilarityValue(neurons=0)
+
+
+def test_similarity_value_runs_once_per_image_and_only_when_asked(tmp_path):
+    from xbench.cli import main
+    from xbench.records import RunFolder
+
+    out = tmp_path / "results"
+    assert main(["run", "--explainers", "gradcam", "--metrics", "similarity-value,average-drop",
+                 "--limit", "2", "--out", str(out), "-o", "similarity-value.neurons=4",
+                 "-o", "similarity-value.methods=1"]) == 0
+    (run,) = [p for p in out.iterdir() if p.is_dir()]
+    rows = [r for r in RunFolder(run).rows() if r.metric == "similarity-value"]
+    assert len(rows) == 2 and all(r.explainer == "" and r.status == "ok" for r in rows)
+    assert {r.variant for r in rows} == {"method=1,layer=_bn1,neurons=4"}
+    text = (out / "LEADERBOARD.md").read_text()
+    assert "Model-scope metrics" in text and "similarity-value@method=1,layer=_bn1,neurons=4" in text
+    from xbench.plugins import build_registry
+    from xbench.runner import RunConfig, Runner
+
+    runner = Runner(RunConfig(explainers="gradcam", metrics="all"), build_registry(), tmp_path)
+    assert "similarity-value" not in runner.metric_names and "average-drop" in runner.metric_names

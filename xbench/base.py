@@ -125,6 +125,8 @@ class MetricBatch:
 
     ``saliency`` is already upsampled to the input size and min-max normalised to [0, 1];
     degenerate maps (constant, NaN or Inf) are all zeros here and flagged in ``degenerate``.
+    A model-scope metric (``kind = "model"``) is scored once per image, before any explainer:
+    its batch has no maps, so ``saliency``, ``degenerate`` and the ``explain_*`` fields are None.
     ``cache`` is shared by all metrics of this batch, so that metrics computed from the same
     masked forward passes (Average Drop and Average Increase) pay for them once.
     """
@@ -132,12 +134,12 @@ class MetricBatch:
     model: ClassifierHandle
     images: torch.Tensor  # (B, 3, H, W) pixel space
     targets: torch.Tensor  # (B,)
-    saliency: torch.Tensor  # (B, H, W) in [0, 1]
-    degenerate: torch.Tensor  # (B,) bool
+    saliency: torch.Tensor | None  # (B, H, W) in [0, 1]
+    degenerate: torch.Tensor | None  # (B,) bool
     clean_probs: torch.Tensor  # (B,) softmax p_c(x) on the clean images
-    explain_forward: torch.Tensor  # (B,) forward passes spent by the explainer per image
-    explain_backward: torch.Tensor  # (B,) backward passes spent by the explainer per image
-    explain_seconds: torch.Tensor  # (B,) explanation wall time per image
+    explain_forward: torch.Tensor | None  # (B,) forward passes spent by the explainer per image
+    explain_backward: torch.Tensor | None  # (B,) backward passes spent by the explainer per image
+    explain_seconds: torch.Tensor | None  # (B,) explanation wall time per image
     cache: dict[Any, Any] = field(default_factory=dict)
     #: per-image curves a metric wants kept: {(metric name, variant): tensor (B, T)}
     curves: dict[tuple[str, str], torch.Tensor] = field(default_factory=dict)
@@ -152,8 +154,10 @@ class Metric(ABC):
 
     name: ClassVar[str]
     direction: ClassVar[Direction]
-    #: "faithfulness" metrics read the maps; "cost" metrics read what the explainer spent
-    kind: ClassVar[Literal["faithfulness", "cost"]] = "faithfulness"
+    #: "faithfulness" metrics read the maps; "cost" metrics read what the explainer spent;
+    #: "model" metrics score the model itself on each image, once per run and not per explainer
+    #: (rows with an empty explainer); they are costly, so ``--metrics all`` leaves them out
+    kind: ClassVar[Literal["faithfulness", "cost", "model"]] = "faithfulness"
     #: the unit shown in tables ("%", "AUC", "passes", "s")
     unit: ClassVar[str] = ""
     summary: ClassVar[str] = ""

@@ -44,6 +44,21 @@ def top1_accuracy(frame: pd.DataFrame) -> tuple[float, int]:
     return float(correct.mean()), int(correct.size)
 
 
+def model_scores(frame: pd.DataFrame, seed: int = 0) -> pd.DataFrame:
+    """Model-scope metrics (no explainer): one line per column, mean with a seeded 95%
+    bootstrap interval over images."""
+    scored = frame[(frame.explainer == "") & (frame.metric != "confidence")
+                   & (frame.status == "ok") & frame.value.notna()]
+    out = []
+    for column, cell in scored.groupby("column", sort=False):
+        values = cell.value.to_numpy(dtype=np.float64)
+        low, high = bootstrap_ci(values, seed=seed)
+        out.append({"column": column, "direction": cell.direction.iloc[0],
+                    "mean": float(values.mean()), "ci_low": low, "ci_high": high,
+                    "images": int(values.size)})
+    return pd.DataFrame(out, columns=["column", "direction", "mean", "ci_low", "ci_high", "images"])
+
+
 def failures(frame: pd.DataFrame) -> pd.DataFrame:
     """Failed rows, one per (image, explainer, metric, error)."""
     failed = frame[frame.status != "ok"]
@@ -212,6 +227,14 @@ def run_section(folder: RunFolder) -> tuple[str, pd.DataFrame]:
     if not table.empty:
         head, body = wide_table(table)
         lines += [_markdown_table(head, body), ""]
+    model = model_scores(frame, seed=header.config.get("seed", 0))
+    if not model.empty:
+        lines += ["Model-scope metrics (scored once per image, no explainer):", ""]
+        body = [[f"{line.column} {ARROWS.get(line.direction, '')}".strip(),
+                 f"{format_number(line['mean'])} [{format_number(line.ci_low)}, "
+                 f"{format_number(line.ci_high)}]", str(line.images)]
+                for _, line in model.iterrows()]
+        lines += [_markdown_table(["metric", "mean [95% CI]", "images"], body), ""]
     return "\n".join(lines), table
 
 

@@ -129,6 +129,9 @@ class Runner:
             raise UserError(f"--batch-size must be >= 1, got {config.batch_size}")
         self.explainer_names = registry.select("explainer", config.explainers)
         self.metric_names = registry.select("metric", config.metrics)
+        if config.metrics == "all":  # model-scope metrics are opt-in: they cost many passes
+            self.metric_names = [name for name in self.metric_names
+                                 if registry.metric(name).kind != "model"]
         registry.info("model", config.model)
         self.dataset = open_dataset(config.data, config.labels).subset(config.limit, config.seed)
         self.profile = self._resolve_profile()
@@ -366,6 +369,7 @@ class Runner:
             return
         loaded, data_rows = self._load_batch(handle, items, base)
         if data_unit not in done:
+            data_rows += self._score_model(handle, loaded, metrics, base)
             _append(writer, data_unit, data_rows)
             summary.units_done += 1
             summary.failed_images += sum(r.status != "ok" for r in data_rows)
@@ -376,13 +380,29 @@ class Runner:
                 advance("skipped (done)")
                 continue
             previews: dict[str, np.ndarray] = {}
-            rows = self._explain_unit(handle, loaded, explainer, layer, metrics, base, previews)
+            rows = self._explain_unit(handle, loaded, explainer, layer,
+                                      [m for m in metrics if m.kind != "model"], base, previews)
             if self.config.save_maps and previews:
                 _save_previews(writer, unit, previews)
             _append(writer, unit, rows)
             summary.units_done += 1
             summary.failed_cells += sum(r.status != "ok" for r in rows)
             advance(explainer.name)
+
+    def _score_model(self, handle: ClassifierHandle, batch: dict[str, Any] | None,
+                     metrics: list[Metric], base: dict[str, Any]) -> list[ResultRow]:
+        """Rows of the model-scope metrics on one batch (explainer ''), part of its data unit."""
+        model_metrics = [m for m in metrics if m.kind == "model"]
+        if batch is None or not model_metrics:
+            return []
+        metric_batch = MetricBatch(
+            model=handle, images=batch["images"], targets=batch["targets"], saliency=None,
+            degenerate=None, clean_probs=batch["clean_probs"], explain_forward=None,
+            explain_backward=None, explain_seconds=None)
+        rows: list[ResultRow] = []
+        for metric in model_metrics:
+            rows.extend(self._score(metric, metric_batch, batch, None, "", base))
+        return rows
 
     @staticmethod
     def _data_unit(index: int) -> str:
@@ -511,12 +531,13 @@ class Runner:
         return rows
 
     def _score(self, metric: Metric, metric_batch: MetricBatch, batch: dict[str, Any],
-               explainer: Explainer, layer: str, base: dict[str, Any]) -> list[ResultRow]:
+               explainer: Explainer | None, layer: str, base: dict[str, Any]) -> list[ResultRow]:
+        """Rows of one metric on one batch; ``explainer`` None for a model-scope metric."""
         items = batch["items"]
         common = lambda i: dict(  # noqa: E731
             base=base, item=items[i], predicted=int(batch["predicted"][i]),
-            target=int(batch["targets"][i]), explainer=explainer.name,
-            explainer_variant=explainer.variant, layer=layer,
+            target=int(batch["targets"][i]), explainer=explainer.name if explainer else "",
+            explainer_variant=explainer.variant if explainer else "", layer=layer,
             metric=metric.name, direction=metric.direction)
         try:
             with torch.no_grad():
@@ -534,7 +555,7 @@ class Runner:
             curves = metric_batch.curves.get((metric.name, variant))
             for i in range(len(items)):
                 value = float(values[i])
-                degenerate = bool(metric_batch.degenerate[i]) and metric.kind == "faithfulness"
+                degenerate = metric.kind == "faithfulness" and bool(metric_batch.degenerate[i])
                 curve = None
                 if curves is not None:
                     curve = tuple(round(float(v), CURVE_DECIMALS) for v in curves[i])

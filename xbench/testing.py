@@ -170,7 +170,8 @@ def check_model(cls: type[Model], options: dict[str, Any] | None = None) -> Load
 def check_metric(cls: type[Metric], model: ClassifierHandle | None = None,
                  options: dict[str, Any] | None = None, batch: int = 2) -> dict[str, torch.Tensor]:
     """Assert the Metric contract: {variant: finite (B,) tensor}, deterministic, the model's
-    parameters untouched, and the same values when the batch is scored image by image."""
+    parameters untouched, and the same values when the batch is scored image by image.
+    A model-scope metric (``kind = "model"``) gets batches without maps, as in a run."""
     where = f"metric {getattr(cls, 'name', cls.__name__)!r}"
     assert isinstance(cls, type) and issubclass(cls, Metric), f"{where}: not a Metric"
     assert cls.direction in ("lower", "higher"), f"{where}: direction must be lower or higher"
@@ -184,6 +185,11 @@ def check_metric(cls: type[Metric], model: ClassifierHandle | None = None,
 
     def make_batch(sel: slice) -> MetricBatch:
         n = len(range(*sel.indices(batch)))
+        if cls.kind == "model":
+            return MetricBatch(model=model, images=images[sel], targets=targets[sel],
+                               saliency=None, degenerate=None,
+                               clean_probs=probs[sel].gather(1, targets[sel, None])[:, 0],
+                               explain_forward=None, explain_backward=None, explain_seconds=None)
         return MetricBatch(model=model, images=images[sel], targets=targets[sel],
                            saliency=saliency[sel], degenerate=degenerate[sel],
                            clean_probs=probs[sel].gather(1, targets[sel, None])[:, 0],
@@ -191,10 +197,12 @@ def check_metric(cls: type[Metric], model: ClassifierHandle | None = None,
                            explain_backward=torch.ones(n, dtype=torch.float64),
                            explain_seconds=torch.full((n,), 0.5, dtype=torch.float64))
 
+    hooks = _hook_count(model)
     with torch.no_grad():
         scores = cls(**(options or {})).score(make_batch(slice(None)))
         again = cls(**(options or {})).score(make_batch(slice(None)))
         singles = [cls(**(options or {})).score(make_batch(slice(i, i + 1))) for i in range(batch)]
+    assert _hook_count(model) == hooks, f"{where}: left hooks registered on the model"
     assert isinstance(scores, dict) and scores, f"{where}: score() must return a non-empty dict"
     for variant, values in scores.items():
         assert isinstance(variant, str), f"{where}: variant keys must be strings"

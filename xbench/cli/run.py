@@ -111,8 +111,14 @@ def print_matrix(console: Console, folder, table) -> None:
     accuracy, labelled = leaderboard.top1_accuracy(frame)
     title = (f"{header.run_name} — protocol v{header.protocol}, profile {header.profile}, "
              f"top-1 {leaderboard.format_number(accuracy)} ({labelled} labelled)")
+    model = leaderboard.model_scores(frame, seed=header.config.get("seed", 0))
+    for _, line in model.iterrows():
+        console.print(f"model-scope {line.column}: {leaderboard.format_number(line['mean'])} "
+                      f"[{leaderboard.format_number(line.ci_low)}, "
+                      f"{leaderboard.format_number(line.ci_high)}] over {line.images} images",
+                      highlight=False)
     if table.empty:
-        console.print(f"{title}: no scores")
+        console.print(f"{title}: no explainer scores")
         return
     # Transposed for the terminal: one line per metric column, one column per explainer, and
     # as many tables as it takes to fit the width (never folded cells); intervals are in
