@@ -296,6 +296,17 @@ class LayerInfo:
     channels: int
 
 
+def _grey_forward(model: ClassifierHandle, hooks: dict[nn.Module, object]) -> None:
+    """One inference forward of a mid-grey image with temporary forward hooks {module: hook}."""
+    handles = [module.register_forward_hook(hook) for module, hook in hooks.items()]
+    try:
+        with torch.inference_mode():
+            model(torch.full((1, 3, model.input_size, model.input_size), 0.5, device=model.device))
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 def probe_layers(model: ClassifierHandle, names: Sequence[str] | None = None) -> list[LayerInfo]:
     """Check the chosen layers (default: :func:`default_layers`) with one forward of a grey image.
 
@@ -315,13 +326,7 @@ def probe_layers(model: ClassifierHandle, names: Sequence[str] | None = None) ->
             calls[name].append(output.shape if isinstance(output, torch.Tensor) else None)
         return hook
 
-    handles = [modules[name].register_forward_hook(record(name)) for name in names]
-    try:
-        with torch.inference_mode():
-            model(torch.full((1, 3, model.input_size, model.input_size), 0.5, device=model.device))
-    finally:
-        for handle in handles:
-            handle.remove()
+    _grey_forward(model, {modules[name]: record(name) for name in names})
     infos = []
     for name in order + [n for n in names if n not in order]:
         shapes = calls[name]
@@ -346,14 +351,7 @@ def default_layers(model: ClassifierHandle) -> list[str]:
     leaves = {m: n for n, m in model.net.named_modules()
               if n and (not list(m.children()) or isinstance(m, kinds))}
     sequence: list[str] = []
-    handles = [m.register_forward_hook(lambda mod, i, o, n=n: sequence.append(n))
-               for m, n in leaves.items()]
-    try:
-        with torch.inference_mode():
-            model(torch.full((1, 3, model.input_size, model.input_size), 0.5, device=model.device))
-    finally:
-        for handle in handles:
-            handle.remove()
+    _grey_forward(model, {m: (lambda mod, i, o, n=n: sequence.append(n)) for m, n in leaves.items()})
     modules = dict(model.net.named_modules())
     counts = {n: sequence.count(n) for n in set(sequence)}
 
