@@ -80,7 +80,7 @@ def test_the_matrix_is_split_to_fit_the_terminal_never_folded():
     from xbench.records import RunFolder
 
     # the committed default run: ten explainers, far wider than 80 columns
-    folder = RunFolder(Path(__file__).parents[1] / "results" / "efficientnet-lite0_sample_quick")
+    folder = RunFolder(Path(__file__).parents[1] / "results" / "reference_efficientnet-lite0_sample_quick")
     _, table = leaderboard.run_section(folder)
     buffer = io.StringIO()
     print_matrix(Console(file=buffer, width=80), folder, table)
