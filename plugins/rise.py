@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from xbench import Explainer, hookimpl
-from xbench.model import ClassifierHandle
+from xbench.model import ClassifierHandle, masked_batch_size
 
 DEFAULTS = {"n_masks": 4000, "s": 7, "p1": 0.5}
 
@@ -39,19 +39,20 @@ class RISE(Explainer):
     summary = "RISE: confidence-weighted average of N random masks (N forwards per image)"
 
     def __init__(self, layer: str | None = None, seed: int = 0, n_masks: int = 4000, s: int = 7,
-                 p1: float = 0.5, batch_size: int = 64, **options) -> None:
+                 p1: float = 0.5, batch_size: int | None = None, **options) -> None:
         super().__init__(layer=layer, seed=seed, **options)
         checks = {"n_masks": (n_masks, int(n_masks) >= 1, "an integer >= 1"),
                   "s": (s, int(s) >= 1, "an integer >= 1 (grid cells per side)"),
                   "p1": (p1, 0 < float(p1) <= 1, "in (0, 1] (keep probability of a cell)"),
-                  "batch_size": (batch_size, int(batch_size) >= 1,
+                  "batch_size": (batch_size, batch_size is None or int(batch_size) >= 1,
                                  "an integer >= 1 (masked images per forward pass)")}
         for option, (value, ok, expected) in checks.items():
             if not ok:
                 raise ValueError(f"explainer 'rise': option {option} must be {expected}, "
                                  f"got {value!r}")
         self.n_masks, self.s, self.p1 = int(n_masks), int(s), float(p1)
-        self.batch_size = int(batch_size)
+        #: masked images per forward; None: :func:`xbench.model.masked_batch_size` of the device
+        self.batch_size = None if batch_size is None else int(batch_size)
         self._cache: dict[tuple[int, int, str], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
 
     @property
@@ -91,7 +92,8 @@ class RISE(Explainer):
 
     def explain(self, model, images, targets):
         batch, _, height, width = images.shape
-        per_chunk = max(1, self.batch_size // batch)  # masks per forward, shared by the batch
+        chunk = self.batch_size or masked_batch_size(images.device)
+        per_chunk = max(1, chunk // batch)  # masks per forward, shared by the batch
         fmt = torch.channels_last if model.channels_last else torch.contiguous_format
         buffer = torch.empty((batch * per_chunk, *images.shape[1:]), dtype=images.dtype,
                              device=images.device).contiguous(memory_format=fmt)

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from xbench import Explainer, hookimpl
-from xbench.model import ClassifierHandle, capture_activations
+from xbench.model import ClassifierHandle, capture_activations, masked_batch_size
 
 
 def upsampled_range(activation: torch.Tensor, size: tuple[int, int],
@@ -67,16 +67,17 @@ class ScoreCAM(Explainer):
     needs_gradients = False
     summary = "Score-CAM: activation maps weighted by masked-input confidence (1 + K forwards)"
 
-    def __init__(self, layer: str | None = None, seed: int = 0, batch_size: int = 64,
+    def __init__(self, layer: str | None = None, seed: int = 0, batch_size: int | None = None,
                  max_channels: int | None = None, **options) -> None:
         super().__init__(layer=layer, seed=seed, **options)
-        if int(batch_size) < 1:
+        if batch_size is not None and int(batch_size) < 1:
             raise ValueError(f"explainer 'scorecam': option batch_size must be >= 1 (masked "
                              f"images per forward pass), got {batch_size}")
         if max_channels is not None and int(max_channels) < 1:
             raise ValueError(f"explainer 'scorecam': option max_channels must be >= 1 or None "
                              f"(None scores every channel, the paper setting), got {max_channels}")
-        self.batch_size = int(batch_size)
+        #: masked images per forward; None: :func:`xbench.model.masked_batch_size` of the device
+        self.batch_size = None if batch_size is None else int(batch_size)
         self.max_channels = None if max_channels is None else int(max_channels)
         #: (B,) constant channels skipped per image in the last ``explain`` call
         self.last_skipped = torch.zeros(0, dtype=torch.long)
@@ -102,7 +103,8 @@ class ScoreCAM(Explainer):
             if activations.dim() != 4:
                 raise ValueError(f"explainer 'scorecam': layer {self.layer!r} gives shape "
                                  f"{tuple(activations.shape)}; it needs (B, K, h, w) feature maps")
-            buffer = self._buffer(model, images)
+            chunk = self.batch_size or masked_batch_size(images.device)
+            buffer = self._buffer(model, images, chunk)
             results = [self._explain_one(model, image, int(target), activation, buffer)
                        for image, target, activation in zip(images, targets.tolist(), activations)]
         maps = torch.stack([r[0] for r in results])
@@ -110,9 +112,10 @@ class ScoreCAM(Explainer):
         self.last_scored = torch.tensor([r[2] for r in results], dtype=torch.long)
         return maps.clone()  # a normal tensor: callers may work on it outside inference mode
 
-    def _buffer(self, model: ClassifierHandle, images: torch.Tensor) -> torch.Tensor:
-        """The reused input buffer: batch_size masked images in the model's memory format."""
-        shape = (self.batch_size, *images.shape[1:])
+    @staticmethod
+    def _buffer(model: ClassifierHandle, images: torch.Tensor, chunk: int) -> torch.Tensor:
+        """The reused input buffer: ``chunk`` masked images in the model's memory format."""
+        shape = (chunk, *images.shape[1:])
         fmt = torch.channels_last if model.channels_last else torch.contiguous_format
         return torch.empty(shape, dtype=images.dtype, device=images.device).contiguous(
             memory_format=fmt)
@@ -120,11 +123,12 @@ class ScoreCAM(Explainer):
     def _explain_one(self, model: ClassifierHandle, image: torch.Tensor, target: int,
                      activation: torch.Tensor, buffer: torch.Tensor) -> tuple[torch.Tensor, int, int]:
         size = (image.shape[-2], image.shape[-1])
-        low, high = upsampled_range(activation, size, self.batch_size)
+        chunk_size = len(buffer)
+        low, high = upsampled_range(activation, size, chunk_size)
         skipped = int((high <= low).sum())
         channels = chosen_channels(activation, low, high, self.max_channels)
         weights = torch.zeros(activation.shape[0], device=image.device)
-        for chunk in channels.split(self.batch_size):
+        for chunk in channels.split(chunk_size):
             up = F.interpolate(activation[chunk][:, None].float(), size=size, mode="bilinear",
                                align_corners=False)
             masks = (up - low[chunk, None, None, None]) / (high - low)[chunk, None, None, None]

@@ -10,8 +10,11 @@ import pytest
 from PIL import Image
 
 import xbench
+from xbench.environment import tune_allocator
 from xbench.plugins import build_registry
 from xbench.testing import toy_model
+
+tune_allocator()  # what every `xbench` command does; in-process runs below inherit it
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 VAL_DIR = SHARED_DATA / "ilsvrc2012_val_1000"

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import os
 import platform
 import subprocess
 from importlib import metadata
@@ -57,8 +60,41 @@ def describe_device(device: torch.device) -> str:
     return f"cpu:{platform.processor() or platform.machine()}"
 
 
+#: what :func:`tune_allocator` did in this process ('' until it ran or when it did nothing)
+_ALLOCATOR = ""
+# glibc mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+
+
+def tune_allocator() -> str:
+    """Keep freed CPU tensor memory for reuse instead of returning it to the kernel.
+
+    glibc serves every allocation above 128 KiB-32 MiB with a fresh mmap and unmaps it on free,
+    so each forward pass of a CNN re-faults hundreds of MB of activations: on this project's
+    2-core CPU, EfficientNet-Lite0 forwards take 15.5 ms per image at batch 16 and 5.5-6.5 ms
+    once mmap is kept for allocations above 1 GiB and the heap is trimmed above 2 GiB (the
+    usual advice for PyTorch CPU inference is jemalloc/tcmalloc via LD_PRELOAD, which a pip
+    install cannot set up). Idempotent; a no-op off glibc or with XBENCH_NO_MALLOPT=1.
+    Returns a description recorded in the run header ('' when nothing was done).
+    """
+    global _ALLOCATOR
+    if _ALLOCATOR or os.environ.get("XBENCH_NO_MALLOPT") == "1":
+        return _ALLOCATOR
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return ""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        ok = libc.mallopt(_M_MMAP_THRESHOLD, 1 << 30) and libc.mallopt(_M_TRIM_THRESHOLD, (1 << 31) - 1)
+    except (OSError, AttributeError):
+        return ""
+    if ok:
+        _ALLOCATOR = "glibc mallopt: mmap_threshold=1GiB, trim_threshold=2GiB-1"
+    return _ALLOCATOR
+
+
 def environment(device: torch.device) -> dict[str, object]:
     return {
+        "allocator": _ALLOCATOR or "default",
         "python": platform.python_version(),
         "platform": platform.platform(),
         "device": describe_device(device),

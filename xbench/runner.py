@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from xbench import PROTOCOL_VERSION, __version__
 from xbench.base import Explainer, Metric, MetricBatch
 from xbench.data import Dataset, ImageItem, load_image, open_dataset
-from xbench.environment import environment, resolve_device, short_versions
+from xbench.environment import environment, resolve_device, short_versions, tune_allocator
 from xbench.errors import UserError
 from xbench.guard import no_leaked_hooks, time_limit
 from xbench.model import ClassifierHandle, block_layers
@@ -255,6 +255,7 @@ class Runner:
         from xbench import distributed
 
         rank, world = shard
+        tune_allocator()
         torch.manual_seed(self.config.seed)
         self._check_folder(resume, overwrite)
         handle = self._load_model()

@@ -55,6 +55,9 @@ def blocked_plugins(args: argparse.Namespace) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from xbench.environment import tune_allocator
+
+    tune_allocator()
     parser = build_parser()
     args = parser.parse_args(argv)
     err = Console(stderr=True)
