@@ -21,7 +21,7 @@ from xbench import LoadedModel
 from xbench.model import ClassifierHandle
 from xbench_plugins import similarity as sim
 
-ROUNDS = 2
+ROUNDS = 4
 MIN_SPEEDUP = 2.0
 
 CASES = {

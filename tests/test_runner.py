@@ -247,3 +247,23 @@ def test_explainer_diagnostics_become_rows_without_a_best(tmp_path, images):
     table = leaderboard.matrix(leaderboard.run_frame(summary.folder))
     line = table[table.column == "with-diagnostics:things"].iloc[0]
     assert not line.best and line["mean"] == pytest.approx(10.4)
+
+
+@pytest.mark.parametrize("disabled", [False, True])
+def test_allocator_tuning_is_recorded_and_can_be_disabled(disabled):
+    import os
+    import platform
+    import subprocess
+    import sys
+
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        pytest.skip("the allocator tuning is glibc-only")
+    env = {**os.environ, "XBENCH_NO_MALLOPT": "1" if disabled else "0"}
+    code = ("import torch; from xbench.environment import tune_allocator, environment; "
+            "print(repr(tune_allocator())); print(environment(torch.device('cpu'))['allocator'])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                         check=True).stdout.splitlines()
+    if disabled:
+        assert out == ["''", "default"]
+    else:
+        assert "mallopt" in out[0] and "mmap_threshold=1GiB" in out[1]
