@@ -260,9 +260,12 @@ def test_allocator_tuning_is_recorded_and_can_be_disabled(disabled):
         pytest.skip("the allocator tuning is glibc-only")
     env = {**os.environ, "XBENCH_NO_MALLOPT": "1" if disabled else "0"}
     code = ("import torch; from xbench.environment import tune_allocator, environment; "
-            "print(repr(tune_allocator())); print(environment(torch.device('cpu'))['allocator'])")
+            "print(repr(tune_allocator())); env = environment(torch.device('cpu')); "
+            "print(env['allocator']); print(env['cpu'])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
                          check=True).stdout.splitlines()
+    assert out[2] and out[2] != "default"  # the processor, for comparing timings across hosts
+    out = out[:2]
     if disabled:
         assert out == ["''", "default"]
     else:

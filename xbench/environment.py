@@ -60,6 +60,20 @@ def describe_device(device: torch.device) -> str:
     return f"cpu:{platform.processor() or platform.machine()}"
 
 
+def cpu_model() -> str:
+    """'AMD EPYC (avx2)': the processor and the SIMD level torch dispatches to, because CPU
+    timings differ several-fold between hosts of the same nominal size."""
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as info:
+            name = next((line.split(":", 1)[1].strip() for line in info
+                         if line.startswith("model name")), name)
+    except OSError:
+        pass
+    capability = getattr(torch.backends.cpu, "get_cpu_capability", lambda: "")()
+    return f"{name} ({capability.lower()})" if capability else name
+
+
 #: what :func:`tune_allocator` did in this process ('' until it ran or when it did nothing)
 _ALLOCATOR = ""
 # glibc mallopt parameters (malloc.h)
@@ -98,6 +112,7 @@ def environment(device: torch.device) -> dict[str, object]:
         "python": platform.python_version(),
         "platform": platform.platform(),
         "device": describe_device(device),
+        "cpu": cpu_model(),
         "threads": torch.get_num_threads(),
         "cuda": torch.version.cuda or "",
         "packages": package_versions(),
