@@ -91,3 +91,10 @@ def test_the_matrix_is_split_to_fit_the_terminal_never_folded():
     shown = {name.strip() for line in header_lines for name in line.split("┃")[2:-1]}
     assert shown == set(table.explainer)  # every explainer, each name whole
     assert sum("average-drop@r=100% ↓" in line for line in lines) == len(header_lines)
+
+
+def test_messages_keep_long_paths_on_one_line(tmp_path, capsys):
+    missing = tmp_path / ("a-long-folder-name-" * 8) / "run"
+    assert main(["report", str(missing)]) == 2
+    err = capsys.readouterr().err
+    assert str(missing) in err and "not a run folder" in err  # not folded at 80 columns

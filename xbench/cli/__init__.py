@@ -11,8 +11,8 @@ import argparse
 import importlib
 import sys
 
-from rich.console import Console
 
+from xbench.cli.console import message_console
 from xbench.errors import UserError
 
 SUBCOMMANDS = {
@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     tune_allocator()
     parser = build_parser()
     args = parser.parse_args(argv)
-    err = Console(stderr=True)
+    err = message_console()
     try:
         return int(args.func(args) or 0)
     except UserError as exc:

@@ -1,4 +1,4 @@
-"""Consoles for the CLI's tables."""
+"""Consoles for the CLI: tables on stdout, messages on stderr."""
 
 from __future__ import annotations
 
@@ -18,3 +18,10 @@ def table_console(stderr: bool = False, quiet: bool = False) -> Console:
     if not console.is_terminal and "COLUMNS" not in os.environ:
         console = Console(stderr=stderr, quiet=quiet, width=PIPED_WIDTH)
     return console
+
+
+def message_console(quiet: bool = False) -> Console:
+    """A stderr console for messages and errors that never folds a line: rich would otherwise
+    break long paths at the terminal width (80 columns when piped), and a path must stay one
+    string that can be copied or grepped."""
+    return Console(stderr=True, quiet=quiet, soft_wrap=True)

@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from rich.console import Console
 
 from xbench import leaderboard
+from xbench.cli.console import message_console
 from xbench.errors import UserError
 
 
@@ -24,7 +24,7 @@ def run(args: argparse.Namespace) -> int:
     results = Path(args.results)
     if not results.is_dir():
         raise UserError(f"{results}: no such results folder (xbench run --out {results} makes one)")
-    console = Console(stderr=True)
+    console = message_console()
     if args.check:
         stale = leaderboard.check(results)
         if stale:

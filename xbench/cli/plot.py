@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from xbench.cli.console import message_console
 from xbench.errors import UserError
 from xbench.records import ResultRow, RunFolder
 
@@ -133,8 +134,6 @@ def draw_curves(curves: list[MeanCurve], title: str, output: Path) -> None:
 
 
 def run_curves(args: argparse.Namespace) -> int:
-    from rich.console import Console
-
     folder = open_run(args.run)
     header = folder.header()
     curves = mean_curves(folder.rows(), args.variant)
@@ -143,18 +142,16 @@ def run_curves(args: argparse.Namespace) -> int:
              f"protocol v{header.protocol}")
     output = Path(args.output) if args.output else folder.path / "curves.png"
     draw_curves(curves, title, output)
-    Console(stderr=True).print(f"wrote {output}", highlight=False)
+    message_console().print(f"wrote {output}", highlight=False)
     return 0
 
 
 def run_layers(args: argparse.Namespace) -> int:
-    from rich.console import Console
-
     from xbench.layer_plots import plot_layers
 
     folder = open_run(args.run)
     output = Path(args.output) if args.output else folder.path / "layers.png"
     plot_layers(folder.rows(), output, title=folder.header().run_name, variant=args.variant,
                 seed=folder.header().config.get("seed", 0))
-    Console(stderr=True).print(f"wrote {output}", highlight=False)
+    message_console().print(f"wrote {output}", highlight=False)
     return 0

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from rich.console import Console
+from xbench.cli.console import message_console
 
 
 def add_parser(subparsers) -> None:
@@ -34,5 +34,5 @@ def run(args: argparse.Namespace) -> int:
     output = write_report(Path(args.run), Path(args.output) if args.output else None,
                           max_images=args.max_images, sample_seed=args.sample_seed,
                           page_size=args.page_size, registry=registry)
-    Console(stderr=True).print(f"wrote {output}", highlight=False)
+    message_console().print(f"wrote {output}", highlight=False)
     return 0

@@ -10,7 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 from xbench import leaderboard
-from xbench.cli.console import table_console
+from xbench.cli.console import message_console, table_console
 from xbench.cli.progress import rich_progress
 from xbench.plugins import build_registry
 from xbench.runner import DTYPES, TARGET_RULES, RunConfig, Runner
@@ -70,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
     if args.distributed or distributed.from_environment()[1] > 1:
         rank, world, device = distributed.initialise(args.device)
     console = table_console(quiet=rank != 0)
-    err = Console(stderr=True, quiet=rank != 0)
+    err = message_console(quiet=rank != 0)
     registry = build_registry(blocked=blocked_plugins(args))
     for message in registry.load_errors:
         err.print(f"[yellow]warning:[/] {message}", highlight=False)

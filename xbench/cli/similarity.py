@@ -22,7 +22,7 @@ from rich.console import Console
 from rich.table import Table
 
 from xbench import PROTOCOL_VERSION, __version__
-from xbench.cli.console import table_console
+from xbench.cli.console import message_console, table_console
 from xbench.errors import UserError
 
 DESCRIPTION = """Per-neuron similarity values (Wang Xinyuan 2022, PROTOCOL.md "Neuron similarity
@@ -87,7 +87,7 @@ def run(args: argparse.Namespace) -> int:
     from xbench.plugins import build_registry
     from xbench_plugins import similarity as sim
 
-    console = Console(stderr=True)
+    console = message_console()
     started = time.perf_counter()
     _check_numbers(args)
     registry = build_registry(blocked=blocked_plugins(args))
@@ -197,7 +197,7 @@ def _load(items, loaded):
         try:
             image = load_image(item.path, loaded.resize_size, loaded.input_size)
         except (OSError, ValueError) as exc:
-            Console(stderr=True).print(f"[yellow]skipped[/] {item.path}: {exc}", highlight=False)
+            message_console().print(f"[yellow]skipped[/] {item.path}: {exc}", highlight=False)
             continue
         images.append(image.mul(255).round().to(torch.uint8))
         labels.append(item.label)
