@@ -386,14 +386,26 @@ def test_checkpoint_roundtrip_and_wrong_architecture_is_refused(tmp_path):
         sim.DigitsVGG(weights=str(tmp_path / "missing.pt")).load()
 
 
-def test_cli_end_to_end_on_digits(tmp_path, monkeypatch):
+def test_the_shipped_digits_model_is_the_default_and_scores_what_it_records():
+    loaded = sim.DigitsVGG().load()
+    assert loaded.weights == str(sim.SHIPPED_DIGITS_WEIGHTS)
+    _, test = sim.digits_data()
+    with torch.inference_mode():
+        predicted = loaded.module((test.images - 0.5) / 0.5).argmax(dim=1)
+    accuracy = 100.0 * (predicted == test.labels).float().mean().item()
+    assert accuracy == pytest.approx(loaded.extra["test_accuracy"], abs=1e-6)
+    assert accuracy > 90
+
+
+def test_cli_end_to_end_on_digits(tmp_path):
     from xbench.cli import main
 
-    monkeypatch.setenv("XBENCH_CACHE", str(tmp_path / "cache"))
+    weights = tmp_path / "random-digits-vgg.pt"
     torch.manual_seed(0)
-    sim.save_digits_checkpoint(sim.build_digits_vgg().eval(), 10.0, sim.digits_checkpoint_path())
+    sim.save_digits_checkpoint(sim.build_digits_vgg().eval(), 10.0, weights)
     out = tmp_path / "out"
-    code = main(["similarity", "--layers", "features.relu1,features.relu5", "--classes", "0,3",
+    code = main(["similarity", "--weights", str(weights), "--layers",
+                 "features.relu1,features.relu5", "--classes", "0,3",
                  "--ascent-steps", "2", "--top-k", "5", "--ratio", "0.25", "--out", str(out)])
     assert code == 0
     for name in ("similarity.csv", "layer_curves.csv", "layer_curves.png", "pruning.csv",

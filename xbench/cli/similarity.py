@@ -39,7 +39,7 @@ def add_parser(subparsers) -> None:
         "similarity", help="neuron similarity values from class average images (Wang 2022)",
         description=DESCRIPTION)
     parser.add_argument("--model", default="digits-vgg",
-                        help="registered model name (default: digits-vgg, trained on first use)")
+                        help="registered model name (default: digits-vgg, shipped weights)")
     parser.add_argument("--weights", help="weights file for the model")
     parser.add_argument("--data", default="digits",
                         help="'digits' (scikit-learn, the default) or a folder of labelled images "
@@ -93,7 +93,7 @@ def run(args: argparse.Namespace) -> int:
     registry = build_registry(blocked=blocked_plugins(args))
     for message in registry.load_errors:
         console.print(f"[yellow]warning:[/] {message}", highlight=False)
-    if args.model == "digits-vgg" and not args.weights and not sim.digits_checkpoint_path().exists():
+    if args.model == "digits-vgg" and not args.weights and not sim.default_digits_weights().exists():
         console.print(f"training digits-vgg on first use (cached in {sim.digits_checkpoint_path()})")
     loaded = registry.model(args.model)(weights=args.weights).load()
     model = ClassifierHandle(loaded, device=args.device, name=args.model)
