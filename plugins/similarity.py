@@ -72,7 +72,7 @@ def digits_checkpoint_path() -> Path:
 
 
 #: digits-vgg trained once by :func:`train_digits_vgg` (seed 0) and shipped: CPU training is not
-#: bit-reproducible across instruction sets (AVX2 and AVX-512 hosts end at different networks,
+#: bit-reproducible across hosts (two 2-core hosts of this project ended at different networks,
 #: 95.8% and 97.3% test top-1, with different pruning tables), so every host analyses this one
 SHIPPED_DIGITS_WEIGHTS = Path(__file__).resolve().parent / "assets" / "digits-vgg.pt"
 

@@ -30,7 +30,7 @@ value"): the guided-backprop visualisation of every channel of the chosen layers
 each class average image I_i, compared by cosine with I_i (method 1) or with the guided backprop
 of the class logit (method 2); per-layer curves; and the pruning check (zero the top vs bottom
 --ratio neurons of a layer by similarity, no fine-tuning, compare test accuracy). The default
-runs on CPU in a few minutes: scikit-learn digits with a small VGG-like CNN trained on first use.
+runs on CPU in a few minutes: scikit-learn digits with a small VGG-like CNN (shipped weights).
 """
 
 
