@@ -333,3 +333,36 @@ def test_cli_compare_trains_the_three_table1_rows_from_one_start(tmp_path):
         assert payload["history"][0]["phase"] == "pretrain"
         assert not torch.equal(next(iter(trained["st2"].net.parameters())),
                                next(iter(initial["st2"].net.parameters())))
+
+
+def test_cifar10_folder_is_read_without_download(tmp_path, monkeypatch):
+    """A tiny CIFAR-10 folder in torchvision's pickle format (md5 checks bypassed: the files are
+    ours) is read as uint8 (N, 3, 32, 32) images with labels, class names and flips."""
+    import pickle
+
+    import numpy as np
+    import torchvision.datasets.cifar as tv_cifar
+
+    from xbench.cli.train_mutual_transfer import load_cifar
+
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    names = [f"class{i}" for i in range(10)]
+    batches = {}
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        batches[name] = {"data": rng.integers(0, 256, (4, 3072), dtype=np.uint8),
+                         "labels": rng.integers(0, 10, 4).tolist()}
+        (folder / name).write_bytes(pickle.dumps(batches[name]))
+    (folder / "batches.meta").write_bytes(pickle.dumps({"label_names": names}))
+    monkeypatch.setattr(tv_cifar, "check_integrity", lambda *args, **kwargs: True)
+    monkeypatch.setattr(tv_cifar.CIFAR10, "_check_integrity", lambda self: True)
+
+    train, test = load_cifar("cifar10", str(tmp_path))
+    assert tuple(train.images.shape) == (20, 3, 32, 32) and train.images.dtype == torch.uint8
+    assert tuple(test.images.shape) == (4, 3, 32, 32)
+    assert train.class_names == tuple(names) and train.flip and test.flip
+    first = batches["data_batch_1"]
+    assert torch.equal(train.images[0], torch.from_numpy(first["data"][0].reshape(3, 32, 32)))
+    assert train.labels[:4].tolist() == first["labels"]
+    assert test.labels.tolist() == batches["test_batch"]["labels"]
