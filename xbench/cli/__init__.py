@@ -11,7 +11,6 @@ import argparse
 import importlib
 import sys
 
-
 from xbench.cli.console import message_console
 from xbench.errors import UserError
 

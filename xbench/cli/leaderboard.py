@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-
 from xbench import leaderboard
 from xbench.cli.console import message_console
 from xbench.errors import UserError
