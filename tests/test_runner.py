@@ -262,11 +262,10 @@ def test_allocator_tuning_is_recorded_and_can_be_disabled(disabled):
     code = ("import torch; from xbench.environment import tune_allocator, environment; "
             "print(repr(tune_allocator())); env = environment(torch.device('cpu')); "
             "print(env['allocator']); print(env['cpu'])")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
-                         check=True).stdout.splitlines()
-    assert out[2] and out[2] != "default"  # the processor, for comparing timings across hosts
-    out = out[:2]
+    tuned, allocator, cpu = subprocess.run([sys.executable, "-c", code], capture_output=True,
+                                           text=True, env=env, check=True).stdout.splitlines()
+    assert cpu and cpu != "default"  # the processor, for comparing timings across hosts
     if disabled:
-        assert out == ["''", "default"]
+        assert (tuned, allocator) == ("''", "default")
     else:
-        assert "mallopt" in out[0] and "mmap_threshold=1GiB" in out[1]
+        assert "mallopt" in tuned and "mmap_threshold=1GiB" in allocator
