@@ -3,16 +3,18 @@
 Run: ``pytest benchmarks/bench_explainers.py --benchmark-enable -s`` (a few minutes on 2 cores).
 
 Targets, asserted as ratios so that a slow or busy machine does not matter:
-- Score-CAM within 1.3x of its own forward-pass bound (K + 1 forwards at the best batch size),
-  and never materially slower (>= 0.8x) than the faster of pytorch-grad-cam's and torchcam's
-  ScoreCAM in the same process. Issue 3 also asks for >= 2.5x over the faster peer at K >= 1000;
-  that is reported as an expected failure while unmet: in one process every contender pays the
-  same K + 1 forwards, and here the peers run within 1.0-1.6x of that bound (torchcam batches
-  the masked inputs too), so no implementation of the official definition can be 2.5x faster
-  (measured under both allocator settings, ``XBENCH_NO_MALLOPT=1`` for glibc's default);
-- reported beside it: each library in its own fresh process, set up the way its users run it
-  (xbench's allocator setting and channels_last; the peers in a plain process);
-- RISE within 1.3x of N forwards at the best batch size;
+- Score-CAM within 1.3x of its own forward-pass bound (K + 1 forwards at the best batch size,
+  measured with the engine that runs them: eager PyTorch, and ONNX Runtime, the default on CPU,
+  see xbench/engine.py);
+- Score-CAM at least 2.5x faster than the faster of pytorch-grad-cam's and torchcam's ScoreCAM
+  (issue 3), each library run the way it ships, in its own fresh process: xbench as every xbench
+  command sets itself up (allocator, channels_last, default engine), a peer in a plain Python
+  process on the same model. This is the setting of issue 3's own peer timings (72.7 s and
+  52.6 s against a 17.8 s forward bound);
+- in one process, where the peers share xbench's allocator setting and channels_last model,
+  never slower than the faster peer (there every contender pays the same K + 1 forwards and
+  only the engine differs);
+- RISE within 1.3x of N forwards at the best batch size (with either engine);
 - Grad-CAM, Grad-CAM++, LayerCAM and guided backprop within 1.3x of one forward + one backward
   (the gradient of the target logits w.r.t. the input, the full backward pass).
 
@@ -37,7 +39,8 @@ import pytest
 import torch
 
 from xbench.data import load_image, sample_images
-from xbench.model import ClassifierHandle
+from xbench.engine import auto_engine
+from xbench.model import ClassifierHandle, masked_batch_size
 from xbench.plugins import build_registry
 from xbench_plugins.gradcam import GradCAM
 from xbench_plugins.gradcampp import GradCAMPlusPlus
@@ -49,9 +52,7 @@ from xbench_plugins.scorecam import ScoreCAM
 SIZE = 224
 # K = 80 by default; XBENCH_BENCH_SCORECAM_LAYER=_bn1 runs the issue's K = 1280 setting (slow)
 SCORECAM_LAYER = os.environ.get("XBENCH_BENCH_SCORECAM_LAYER", "_blocks.7._bn2")
-# Issue 3 set its 2.5x-over-peers target at K = 1280, from peers measured at 3-4x of their
-# forward bound (72.7 s and 52.6 s against 17.8 s); here they measure 1.0-1.6x of it, see above.
-PEER_TARGET_MIN_K = 1000
+CPU = torch.device("cpu")
 RISE_MASKS = 256
 BATCH_SIZES = (16, 32, 64)  # batch 1..8 is never the fastest here
 ROUNDS = 2
@@ -62,6 +63,17 @@ def model() -> ClassifierHandle:
     loaded = build_registry().model("efficientnet-lite0")().load()
     handle = ClassifierHandle(loaded, channels_last=True, name="efficientnet-lite0")
     handle.probabilities(torch.rand(16, 3, SIZE, SIZE))  # warm-up: allocator, oneDNN kernels
+    return handle
+
+
+@pytest.fixture(scope="module")
+def engine_model(model) -> ClassifierHandle:
+    """The same network through the engine ``xbench run`` picks on this CPU (auto)."""
+    name, _ = auto_engine(CPU, "fp32")
+    if name == "eager":
+        pytest.skip("no engine besides eager here (pip install onnxruntime onnx)")
+    handle = ClassifierHandle(model.loaded, channels_last=True, name="efficientnet-lite0")
+    handle.use_engine(name, masked_batch_size(CPU))
     return handle
 
 
@@ -90,6 +102,13 @@ def forward_bound(model: ClassifierHandle, count: int) -> dict[str, Callable[[],
     inputs = torch.rand(count, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(9))
     return {f"forward@{b}": partial(model.probabilities, inputs, batch_size=b)
             for b in BATCH_SIZES}
+
+
+def engine_bound(engine_model: ClassifierHandle, count: int) -> dict[str, Callable[[], object]]:
+    """Contender 'engine forward': ``count`` images through the engine (its batch size is
+    fixed; it is the size that engine runs best here, see xbench.model.masked_batch_size)."""
+    inputs = torch.rand(count, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(9))
+    return {"engine forward": partial(engine_model.probabilities, inputs)}
 
 
 def best_bound(times: dict[str, float]) -> float:
@@ -129,39 +148,42 @@ def torchcam_scorecam(model: ClassifierHandle, image: torch.Tensor, target: int)
         return extractor(class_idx=target, scores=scores)
 
 
-def test_scorecam_speed(benchmark, model, photos):
+def test_scorecam_speed(benchmark, model, engine_model, photos):
     images, targets = photos
     image, target = images[:1], targets[:1]
     channels = model.layer(SCORECAM_LAYER).num_features
     ours = ScoreCAM(layer=SCORECAM_LAYER)
-    with model.counting() as counts:
-        run(ours, model, image, target, grad=False)
-    assert int(ours.last_skipped[0]) == 0
-    assert counts["forward"] == 1 + channels
+    for handle in (model, engine_model):
+        with handle.counting() as counts:
+            run(ours, handle, image, target, grad=False)
+        assert int(ours.last_skipped[0]) == 0
+        assert counts["forward"] == 1 + channels
 
     contenders = {
         **forward_bound(model, 1 + channels),
-        "xbench": partial(run, ours, model, image, target, False),
+        **engine_bound(engine_model, 1 + channels),
+        "xbench eager": partial(run, ours, model, image, target, False),
+        "xbench": partial(run, ours, engine_model, image, target, False),
         "pytorch-grad-cam": partial(pytorch_grad_cam_scorecam, model, image[0], int(target)),
         "torchcam": partial(torchcam_scorecam, model, image[0], int(target)),
     }
     times = interleaved_min(contenders, rounds=3)
     peer = min(times["pytorch-grad-cam"], times["torchcam"])
-    ratios = {"xbench / bound": times["xbench"] / best_bound(times),
+    ratios = {"xbench eager / eager bound": times["xbench eager"] / best_bound(times),
+              "xbench / engine bound": times["xbench"] / times["engine forward"],
               "faster peer / xbench": peer / times["xbench"]}
     report(benchmark, times, K=channels, **ratios)
     benchmark.pedantic(contenders["xbench"], rounds=1, iterations=1)
-    assert ratios["xbench / bound"] <= 1.3
-    assert ratios["faster peer / xbench"] >= 0.8
-    if channels >= PEER_TARGET_MIN_K and ratios["faster peer / xbench"] < 2.5:
-        pytest.xfail(f"issue 3's 2.5x over the faster peer is unmet: the faster peer runs at "
-                     f"{peer / best_bound(times):.2f}x of the same K + 1 forward bound")
+    assert ratios["xbench eager / eager bound"] <= 1.3
+    assert ratios["xbench / engine bound"] <= 1.3
+    assert ratios["faster peer / xbench"] >= 1.0
 
 
 # One contender per fresh process, set up the way its users run it: xbench as every xbench command
-# does (allocator tuned, channels_last model); a peer in a plain Python process (glibc's default
-# allocator, the model in its default memory format). Prints the best seconds of ``rounds`` calls
-# after one warm-up call.
+# does (allocator tuned, channels_last model, the engine --engine auto picks); a peer in a plain
+# Python process (glibc's default allocator, the model in its default memory format). Prints the
+# best seconds of ``rounds`` calls after one warm-up call (the engine's one-off export, ~2 s,
+# happens before both, as in a run).
 AS_SHIPPED = """
 import sys, time, torch
 which, layer, rounds = sys.argv[1], sys.argv[2], int(sys.argv[3])
@@ -176,7 +198,11 @@ model = ClassifierHandle(loaded, channels_last=which == "xbench")
 image = load_image(sample_images()[0][1], loaded.resize_size, 224)[None]
 target = int(model.probabilities(image).argmax())
 if which == "xbench":
+    from xbench.engine import auto_engine
+    from xbench.model import masked_batch_size
     from xbench_plugins.scorecam import ScoreCAM
+    cpu = torch.device("cpu")
+    model.use_engine(auto_engine(cpu, "fp32")[0], masked_batch_size(cpu))
     explainer = ScoreCAM(layer=layer)
     def call():
         with torch.no_grad():
@@ -215,9 +241,8 @@ def as_shipped_seconds(which: str, rounds: int = 2) -> float:
 
 
 def test_scorecam_as_shipped(benchmark):
-    """What a user gets from each library run the way it ships, reported; asserted only: never
-    slower. The gap to the in-process comparison above is the allocator and the memory format,
-    not the method."""
+    """Issue 3's target: at least 2.5x faster than the faster peer, each library run the way it
+    ships (see the module docstring)."""
     pytest.importorskip("pytorch_grad_cam")
     pytest.importorskip("torchcam")
     names = ("xbench", "pytorch-grad-cam", "torchcam")
@@ -228,24 +253,28 @@ def test_scorecam_as_shipped(benchmark):
     ratio = min(times["pytorch-grad-cam"], times["torchcam"]) / times["xbench"]
     report(benchmark, times, **{"faster peer / xbench (as shipped)": ratio})
     benchmark.pedantic(lambda: None, rounds=1, iterations=1)
-    assert ratio >= 1.0
+    assert ratio >= 2.5
 
 
-def test_rise_speed(benchmark, model, photos):
+def test_rise_speed(benchmark, model, engine_model, photos):
     images, targets = photos
     image, target = images[:1], targets[:1]
     ours = RISE(n_masks=RISE_MASKS)
     ours.prepare(model, (3, SIZE, SIZE))  # the random part is drawn once, before timing
-    with model.counting() as counts:
-        run(ours, model, image, target, grad=False)
-    assert counts["forward"] == RISE_MASKS
-    contenders = {**forward_bound(model, RISE_MASKS),
-                  "xbench": partial(run, ours, model, image, target, False)}
+    for handle in (model, engine_model):
+        with handle.counting() as counts:
+            run(ours, handle, image, target, grad=False)
+        assert counts["forward"] == RISE_MASKS
+    contenders = {**forward_bound(model, RISE_MASKS), **engine_bound(engine_model, RISE_MASKS),
+                  "xbench eager": partial(run, ours, model, image, target, False),
+                  "xbench": partial(run, ours, engine_model, image, target, False)}
     times = interleaved_min(contenders)
-    ratio = times["xbench"] / best_bound(times)
-    report(benchmark, times, **{"xbench / bound": ratio})
+    ratios = {"xbench eager / eager bound": times["xbench eager"] / best_bound(times),
+              "xbench / engine bound": times["xbench"] / times["engine forward"]}
+    report(benchmark, times, **ratios)
     benchmark.pedantic(contenders["xbench"], rounds=1, iterations=1)
-    assert ratio <= 1.3
+    assert ratios["xbench eager / eager bound"] <= 1.3
+    assert ratios["xbench / engine bound"] <= 1.3
 
 
 def forward_backward(model: ClassifierHandle, images: torch.Tensor, targets: torch.Tensor):

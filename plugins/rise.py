@@ -94,6 +94,8 @@ class RISE(Explainer):
         batch, _, height, width = images.shape
         chunk = self.batch_size or masked_batch_size(images.device)
         per_chunk = max(1, chunk // batch)  # masks per forward, shared by the batch
+        if model.engine_batch_size:  # fill whole engine batches: no padded forwards
+            per_chunk = math.lcm(batch, model.engine_batch_size) // batch
         fmt = torch.channels_last if model.channels_last else torch.contiguous_format
         buffer = torch.empty((batch * per_chunk, *images.shape[1:]), dtype=images.dtype,
                              device=images.device).contiguous(memory_format=fmt)
@@ -106,7 +108,7 @@ class RISE(Explainer):
                 masked = buffer[: batch * n]
                 torch.mul(images[:, None], masks[None, :, None],
                           out=masked.view(batch, n, *images.shape[1:]))  # x * M_i
-                probs = model(masked).float().softmax(dim=1)
+                probs = model.predict(masked).float().softmax(dim=1)
                 p_c = probs.view(batch, n, -1).gather(2, targets.view(batch, 1, 1).expand(
                     batch, n, 1))[..., 0]  # (B, n): p_c(x * M_i)
                 saliency += p_c @ masks.view(n, -1)  # sum_i p_c(x * M_i) M_i

@@ -133,7 +133,7 @@ class ScoreCAM(Explainer):
                                align_corners=False)
             masks = (up - low[chunk, None, None, None]) / (high - low)[chunk, None, None, None]
             masked = torch.mul(image, masks, out=buffer[: len(chunk)])  # x * M^k, pixel space
-            probs = model(masked).float().softmax(dim=1)
+            probs = model.predict(masked).float().softmax(dim=1)
             weights[chunk] = probs[:, target]  # w^k = softmax(f(x * M^k))_c
         combined = (weights[:, None, None] * activation.float()).sum(dim=0)  # sum_k w^k A^k
         up = F.interpolate(combined[None, None], size=size, mode="bilinear", align_corners=False)

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from xbench.base import LoadedModel
+from xbench.engine import FixedBatchEngine, build_engine
 from xbench.errors import UserError, did_you_mean
 
 
@@ -35,6 +36,9 @@ class ClassifierHandle(nn.Module):
             self.net.to(memory_format=torch.channels_last)
         self.forward_count = 0
         self.backward_count = 0
+        #: the engine :meth:`predict` runs (xbench.engine), set by :meth:`use_engine`
+        self.engine = "eager"
+        self._engine: FixedBatchEngine | None = None
 
     @property
     def device(self) -> torch.device:
@@ -69,10 +73,43 @@ class ClassifierHandle(nn.Module):
     def _count_backward(self, batch: int) -> None:
         self.backward_count += batch
 
-    def probabilities(self, images: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
-        """Softmax probabilities (N, classes) without autograd, in chunks of ``batch_size``."""
+    def use_engine(self, name: str, batch_size: int,
+                   autocast: contextlib.AbstractContextManager | None = None) -> FixedBatchEngine | None:
+        """Run :meth:`predict` through the engine ``name`` of :mod:`xbench.engine` ('eager',
+        'onnxruntime', 'compiled'), built for batches of ``batch_size``; returns it (None for
+        eager). Raises UserError when the engine cannot run this model."""
+        fmt = torch.channels_last if self.channels_last else torch.contiguous_format
+        size = self.input_size
+        self._engine = build_engine(name, self.net, batch_size, (3, size, size), self.device,
+                                    fmt, autocast)
+        self.engine = name
+        return self._engine
+
+    @property
+    def engine_batch_size(self) -> int | None:
+        """The fixed batch size of the engine :meth:`predict` runs (None for eager): callers that
+        choose their own batches waste the padding of a short last chunk unless they fill it."""
+        return None if self._engine is None else self._engine.batch_size
+
+    def predict(self, images: torch.Tensor) -> torch.Tensor:
+        """Logits of ``images`` in [0, 1], counted as passes like ``forward``, for black-box
+        forwards only: no autograd and no hooks on inner layers (the engines run neither).
+        Batches of any size; an engine splits them into its own."""
+        if self._engine is None:
+            with torch.inference_mode():
+                return self(images)
+        self.forward_count += images.shape[0]
         with torch.inference_mode():
-            return torch.cat([self(chunk).softmax(dim=1) for chunk in images.split(batch_size)])
+            return self._engine(self.normalize(images))
+
+    def probabilities(self, images: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
+        """Softmax probabilities (N, classes) without autograd, in chunks of ``batch_size``
+        (with an engine: in chunks of its batch size, see :meth:`predict`)."""
+        if self._engine is not None:
+            batch_size = self._engine.batch_size
+        with torch.inference_mode():
+            return torch.cat([self.predict(chunk).softmax(dim=1)
+                              for chunk in images.split(batch_size)])
 
     def layer(self, name: str | None) -> nn.Module:
         """The submodule called ``name`` (default layer when None), with a helpful error."""

@@ -100,6 +100,8 @@ class ResultRow:
     seed: int = 0
     device: str = ""
     dtype: str = ""
+    #: inference engine of the hook-free forwards, 'eager' or 'compiled' ('' before it existed)
+    engine: str = ""
     batch_size: int = 0
     versions: str = ""
     #: per-image curve of the metric (insertion/deletion), rounded; None for scalar metrics

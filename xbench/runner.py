@@ -29,7 +29,8 @@ from xbench.data import Dataset, ImageItem, load_image, open_dataset
 from xbench.environment import environment, resolve_device, short_versions, tune_allocator
 from xbench.errors import UserError
 from xbench.guard import no_leaked_hooks, time_limit
-from xbench.model import ClassifierHandle, block_layers
+from xbench.engine import ENGINES, auto_engine
+from xbench.model import ClassifierHandle, block_layers, masked_batch_size
 from xbench.plugins import Registry
 from xbench.profiles import PROFILES, plugin_options
 from xbench.records import SCHEMA_VERSION, ResultRow, RunFolder, RunHeader
@@ -61,6 +62,8 @@ class RunConfig:
     weights: str | None = None
     target_rule: str = "predicted"
     channels_last: bool = True
+    #: engine of the hook-free forwards (xbench.engine): auto, eager, onnxruntime or compiled
+    engine: str = "auto"
     options: tuple[str, ...] = ()
     checkpoint: str | None = None
     member: str | None = None
@@ -125,6 +128,8 @@ class Runner:
             raise UserError(f"--target {config.target_rule!r}: choose one of {TARGET_RULES}")
         if config.dtype not in DTYPES:
             raise UserError(f"--dtype {config.dtype!r}: choose one of {sorted(DTYPES)}")
+        if config.engine not in ENGINES:
+            raise UserError(f"--engine {config.engine!r}: choose one of {', '.join(ENGINES)}")
         if config.batch_size < 1:
             raise UserError(f"--batch-size must be >= 1, got {config.batch_size}")
         self.explainer_names = registry.select("explainer", config.explainers)
@@ -265,6 +270,8 @@ class Runner:
         batches = self.batches()
         units_total = len(batches) * (1 + len(explainers))
         header = dataclasses.replace(self._header(handle, units_total), world_size=world)
+        engine = self._start_engine(handle)
+        header = dataclasses.replace(header, environment={**header.environment, "engine": engine})
         if resume and self.folder.exists():
             self._check_same_run(header)
         distributed.barrier(world)  # every rank has checked the folder before anyone writes
@@ -307,12 +314,18 @@ class Runner:
     def _check_same_run(self, header: RunHeader) -> None:
         old = self.folder.header()
         ignore = {"device"}  # 'auto' may resolve differently; the resolved device is below
+        # settings added after a run was started: runs from before engines existed ran eager
+        defaults = {**dataclasses.asdict(RunConfig()), "engine": "eager"}
         mismatched = sorted(k for k in set(old.config) | set(header.config)
-                            if k not in ignore and old.config.get(k) != header.config.get(k))
+                            if k not in ignore
+                            and old.config.get(k, defaults.get(k)) != header.config.get(k))
         if old.dataset.get("subset_hash") != header.dataset["subset_hash"]:
             mismatched.append("dataset (subset hash)")
         if old.environment.get("device") != header.environment["device"]:
             mismatched.append("device")
+        if old.environment.get("engine", {"name": "eager"})["name"] != \
+                header.environment["engine"]["name"]:
+            mismatched.append("engine (as resolved)")
         if mismatched:
             raise UserError(f"--resume: {self.folder.path} was started with different settings "
                             f"({', '.join(mismatched)}); resume with the original command or use "
@@ -349,11 +362,31 @@ class Runner:
 
             yield advance_global
 
+    def _start_engine(self, handle: ClassifierHandle) -> dict[str, Any]:
+        """Switch ``handle`` to the configured engine (xbench.engine); what it did, for the
+        header. ``auto`` falls back to eager, with the reason, when its engine cannot run the
+        model; an engine asked for by name raises instead."""
+        name, reason = self.config.engine, "asked for"
+        if name == "auto":
+            name, reason = auto_engine(self.device, self.config.dtype)
+        try:
+            engine = handle.use_engine(name, masked_batch_size(self.device), self._autocast())
+        except UserError as exc:
+            if self.config.engine != "auto":
+                raise
+            return {"name": "eager", "reason": f"auto: eager, {name} failed: {exc}"}
+        return {"name": name, "reason": reason, **(engine.describe() if engine else {})}
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        dtype = DTYPES[self.config.dtype]
+        return (torch.autocast(self.device.type, dtype=dtype) if dtype is not None
+                else contextlib.nullcontext())
+
     def _base_row(self, handle: ClassifierHandle) -> dict[str, Any]:
         return dict(run=self.run_name, protocol=PROTOCOL_VERSION, profile=self.profile,
                     target_rule=self.config.target_rule, model=self.config.model,
                     dataset_hash=self.dataset.subset_hash, seed=self.config.seed,
-                    device=self.device.type, dtype=self.config.dtype,
+                    device=self.device.type, dtype=self.config.dtype, engine=handle.engine,
                     batch_size=self.config.batch_size, versions=short_versions())
 
     def _run_batch(self, handle: ClassifierHandle, index: int, items: tuple[ImageItem, ...],
@@ -504,8 +537,7 @@ class Runner:
         images, targets, items = batch["images"], batch["targets"], batch["items"]
         n = len(items)
         grad_mode = torch.enable_grad() if explainer.needs_gradients else torch.no_grad()
-        autocast = (torch.autocast(self.device.type, dtype=DTYPES[self.config.dtype])
-                    if DTYPES[self.config.dtype] is not None else contextlib.nullcontext())
+        autocast = self._autocast()
         limit = None if self.config.timeout is None else self.config.timeout * n
         with no_leaked_hooks(handle, explainer.name), time_limit(limit, explainer.name), \
                 handle.counting() as counts, Stopwatch(self.device) as watch, grad_mode, autocast:

@@ -13,6 +13,7 @@ from xbench import leaderboard
 from xbench.cli.console import message_console, table_console
 from xbench.cli.progress import rich_progress
 from xbench.plugins import build_registry
+from xbench.engine import ENGINES
 from xbench.runner import DTYPES, TARGET_RULES, RunConfig, Runner
 
 
@@ -44,6 +45,10 @@ def add_parser(subparsers) -> None:
                    metavar="PLUGIN.KEY=VALUE", help="plugin option, e.g. rise.n_masks=8000")
     p.add_argument("--no-channels-last", dest="channels_last", action="store_false",
                    help="keep the model in contiguous memory format")
+    p.add_argument("--engine", default="auto", choices=ENGINES,
+                   help="how the hook-free forwards of Score-CAM, RISE and the metrics run: "
+                   "auto (onnxruntime for fp32 on CPU, else eager), eager, onnxruntime, or "
+                   "compiled (torch.compile); recorded in every row")
     p.add_argument("--timeout", type=float, help="seconds an explainer may spend per image; "
                    "a slower image is recorded as failed and the run goes on")
     p.add_argument("--no-maps", dest="save_maps", action="store_false",
@@ -80,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
         dtype=args.dtype, batch_size=args.batch_size, profile=args.profile, layers=args.layers,
         weights=args.weights, target_rule=args.target_rule, channels_last=args.channels_last,
         options=tuple(args.options), checkpoint=args.checkpoint, member=args.member,
-        timeout=args.timeout, save_maps=args.save_maps)
+        engine=args.engine, timeout=args.timeout, save_maps=args.save_maps)
     out = Path(args.out)
     runner = Runner(config, registry, out, name=args.name, progress=rich_progress)
     err.print(f"xbench run [bold]{runner.run_name}[/]: {len(runner.dataset.items)} images, "

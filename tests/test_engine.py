@@ -1,0 +1,146 @@
+"""Inference engines (xbench.engine): agreement with eager PyTorch, fixed-batch padding that never
+changes a number, exact pass counts, clear errors, and how runs choose and record them."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from conftest import write_images
+
+from xbench.engine import FixedBatchEngine, auto_engine, build_engine
+from xbench.errors import UserError
+from xbench.runner import RunConfig, Runner
+from xbench.testing import toy_images, toy_model
+
+pytest.importorskip("onnxruntime")
+pytest.importorskip("onnx")
+
+
+@pytest.fixture
+def images(tmp_path):
+    folder = tmp_path / "imgs"
+    write_images(folder, [f"im{i}.png" for i in range(5)], size=36)
+    return folder
+
+
+def test_onnxruntime_agrees_with_eager_and_padding_changes_nothing():
+    model = toy_model(seed=3)
+    images = toy_images(11, seed=4)
+    eager = model.predict(images)
+    engine = model.use_engine("onnxruntime", batch_size=4)
+    assert model.engine == "onnxruntime" and model.engine_batch_size == 4
+    assert engine.max_logit_difference < 1e-4
+    with model.counting() as counts:
+        logits = model.predict(images)  # 4 + 4 + 3 (padded to 4) rows
+    assert counts["forward"] == 11  # passes are the rows asked for, never the padding
+    torch.testing.assert_close(logits, eager, atol=1e-4, rtol=1e-4)
+    # every row depends on its own input only: alone, in a full or a padded batch, bit for bit
+    for i in (0, 5, 10):
+        assert torch.equal(model.predict(images[i:i + 1])[0], logits[i])
+    assert torch.equal(model.predict(images[3:7]), logits[3:7])
+    probs = model.probabilities(images, batch_size=5)  # the engine's batch size wins
+    torch.testing.assert_close(probs, logits.softmax(dim=1), atol=0, rtol=0)
+
+
+def test_compiled_engine_agrees_with_eager():
+    pytest.importorskip("torch._inductor")
+    model = toy_model(seed=1)
+    images = toy_images(5, seed=2)
+    eager = model.predict(images)
+    try:
+        model.use_engine("compiled", batch_size=4)
+    except UserError as exc:  # no C++ compiler on this machine: the error says what to do
+        assert "--engine compiled" in str(exc) and "--engine eager" in str(exc)
+        pytest.skip(str(exc))
+    torch.testing.assert_close(model.predict(images), eager, atol=1e-4, rtol=1e-4)
+
+
+class _Unexportable(nn.Module):
+    """Runs eagerly, but ONNX has no FFT operator for the exporter to map it to."""
+
+    def forward(self, x):
+        return torch.fft.rfft2(x).abs().flatten(1)[:, :10]
+
+
+def test_engine_errors_name_the_engine_and_the_way_out():
+    with pytest.raises(UserError, match="--engine onnxruntime: cannot run the model.*"
+                                        "--engine eager"):
+        build_engine("onnxruntime", _Unexportable(), 2, (3, 8, 8), torch.device("cpu"),
+                     torch.contiguous_format)
+    with pytest.raises(UserError, match="CPU only.*--engine compiled or eager"):
+        build_engine("onnxruntime", _Unexportable(), 2, (3, 8, 8), torch.device("cuda"),
+                     torch.contiguous_format)
+
+    class Wrong(FixedBatchEngine):
+        name = "wrong"
+
+        def _build(self, net, probe):
+            return lambda x: net(x) + 1.0
+
+    with pytest.raises(UserError, match="--engine wrong: its logits differ from eager"):
+        Wrong(toy_model().net, 2, (3, 32, 32), torch.device("cpu"))
+
+
+def test_auto_picks_onnxruntime_only_for_fp32_on_cpu():
+    assert auto_engine(torch.device("cpu"), "fp32")[0] == "onnxruntime"
+    assert auto_engine(torch.device("cpu"), "bf16")[0] == "eager"
+    assert auto_engine(torch.device("cuda"), "fp32")[0] == "eager"
+
+
+def _config(images, **changes):
+    base = dict(explainers="scorecam,gradcam", metrics="average-drop,insertion,forward-passes",
+                model="toy-cnn", data=str(images), batch_size=3, profile="paper",
+                options=("insertion.step=64",))
+    return RunConfig(**{**base, **changes})
+
+
+def _values(folder):
+    return {(r.image, r.explainer, r.metric, r.variant): r.value for r in folder.rows()}
+
+
+def test_runs_record_the_engine_and_agree_across_engines(tmp_path, images, toy_registry):
+    auto = Runner(_config(images), toy_registry, tmp_path, name="auto").run()
+    eager = Runner(_config(images, engine="eager"), toy_registry, tmp_path, name="eager").run()
+    engine = auto.folder.header().environment["engine"]
+    assert engine["name"] == "onnxruntime" and engine["reason"].startswith("auto")
+    assert {r.engine for r in auto.folder.rows()} == {"onnxruntime"}
+    assert {r.engine for r in eager.folder.rows()} == {"eager"}
+    a, e = _values(auto.folder), _values(eager.folder)
+    assert a.keys() == e.keys()
+    for key, value in a.items():  # float rounding of the logits, nothing more
+        assert value == pytest.approx(e[key], abs=1e-4), key
+    # the same command twice: identical rows with the engine too
+    again = Runner(_config(images), toy_registry, tmp_path, name="again").run()
+    assert _values(again.folder) == a
+
+
+def test_auto_falls_back_to_eager_with_the_reason(tmp_path, images, toy_registry, monkeypatch):
+    def failing(*args, **kwargs):
+        raise UserError("--engine onnxruntime: cannot run the model (boom)")
+
+    monkeypatch.setattr("xbench.model.build_engine", failing)
+    summary = Runner(_config(images, explainers="gradcam"), toy_registry, tmp_path).run()
+    engine = summary.folder.header().environment["engine"]
+    assert engine["name"] == "eager" and "onnxruntime failed" in engine["reason"]
+    assert {r.engine for r in summary.folder.rows()} == {"eager"}
+    with pytest.raises(UserError, match="cannot run the model"):  # asked for by name: an error
+        Runner(_config(images, explainers="gradcam", engine="onnxruntime"), toy_registry,
+               tmp_path, name="named").run()
+
+
+def test_resume_with_another_engine_is_refused(tmp_path, images, toy_registry):
+    Runner(_config(images, explainers="gradcam"), toy_registry, tmp_path, name="r").run()
+    with pytest.raises(UserError, match="different settings.*engine"):
+        Runner(_config(images, explainers="gradcam", engine="eager"), toy_registry, tmp_path,
+               name="r").run(resume=True)
+    # a run from before engines existed ran eager: resuming it eagerly is allowed
+    header = tmp_path / "r" / "run.json"
+    data = json.loads(header.read_text())
+    del data["config"]["engine"], data["environment"]["engine"]
+    header.write_text(json.dumps(data))
+    Runner(_config(images, explainers="gradcam", engine="eager"), toy_registry, tmp_path,
+           name="r").run(resume=True)
