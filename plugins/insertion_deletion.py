@@ -84,12 +84,18 @@ def perturbed_images(images: torch.Tensor, blur: torch.Tensor, substrate: torch.
     return torch.where(moved, moved_value, kept_value)
 
 
-def _job_chunks(images: int, points: int, chunk: int) -> Iterator[torch.Tensor]:
+def _job_chunks(images: int, points: int, chunk: int, multiple: int = 1) -> Iterator[torch.Tensor]:
     """All (curve, image, step) triples as (J, 3) rows, in the fewest chunks of at most ``chunk``
-    rows, sized as evenly as possible (no small last chunk); the steps of an image are adjacent."""
+    rows, sized as evenly as possible (no small last chunk) when ``multiple`` is 1, else in
+    multiples of ``multiple`` rows but the last (an engine's fixed batch: one padded forward at
+    most); the steps of an image are adjacent."""
     total = 2 * images * points
-    pieces = math.ceil(total / chunk)
-    bounds = [i * total // pieces for i in range(pieces + 1)]
+    if multiple > 1:
+        size = max(1, chunk // multiple) * multiple
+        bounds = [*range(0, total, size), total]
+    else:
+        pieces = math.ceil(total / chunk)
+        bounds = [i * total // pieces for i in range(pieces + 1)]
     for start, end in itertools.pairwise(bounds):
         flat = torch.arange(start, end)
         yield torch.stack([flat // (images * points), flat // points % images, flat % points], 1)
@@ -105,7 +111,7 @@ def compute_curves(batch: MetricBatch, step: int, chunk: int) -> Curves:
     blur = blurred(images)
     substrate = batch.model.mean.to(images.dtype)
     scores = torch.empty(2, num, points, dtype=torch.float64)
-    for jobs in _job_chunks(num, points, chunk):
+    for jobs in _job_chunks(num, points, chunk, batch.model.engine_batch_size or 1):
         jobs = jobs.to(images.device)
         inputs = perturbed_images(images, blur, substrate, ranks, counts, jobs)
         probs = batch.model.probabilities(inputs, batch_size=chunk)

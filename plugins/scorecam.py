@@ -19,8 +19,10 @@ Cost per image: 1 forward (activations) + K - skipped forwards, exactly (PROTOCO
 The number of skipped (constant) channels of the last call is kept in ``last_skipped``.
 
 Speed: masked inputs are built chunk by chunk (``batch_size`` masks per forward) into one
-reused buffer, in the model's memory format, under inference mode; nothing synchronises with the
-host inside the mask loop (one device-to-host read per image, for the list of kept channels).
+reused buffer, in the model's memory format, under inference mode, and pushed through
+``model.predict``, i.e. the run's inference engine (ONNX Runtime by default on CPU,
+xbench/engine.py); nothing synchronises with the host inside the mask loop (one device-to-host
+read per image, for the list of kept channels).
 
 Option ``max_channels`` (default None: the paper's setting) is a *named approximation* for quick
 runs: only the ``max_channels`` non-constant channels with the largest spatial mean activation

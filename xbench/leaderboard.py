@@ -204,7 +204,8 @@ def run_section(folder: RunFolder) -> tuple[str, pd.DataFrame]:
         f"{header.dataset['images']} images, subset hash `{header.dataset['subset_hash']}`",
         f"- protocol v{header.protocol}, profile `{header.profile}`, target "
         f"`{header.config.get('target_rule')}`, seed {header.config.get('seed')}, "
-        f"dtype {header.config.get('dtype')}, batch {header.config.get('batch_size')}",
+        f"dtype {header.config.get('dtype')}, batch {header.config.get('batch_size')}, "
+        f"engine {env.get('engine', {}).get('name', 'eager')}",
         f"- device {env.get('device')}, {env.get('threads')} threads; "
         + ", ".join(f"{k} {v}" for k, v in sorted(env.get("packages", {}).items())),
         f"- top-1 accuracy of the model: {format_number(accuracy)} on {labelled} labelled images",

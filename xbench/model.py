@@ -100,7 +100,10 @@ class ClassifierHandle(nn.Module):
                 return self(images)
         self.forward_count += images.shape[0]
         with torch.inference_mode():
-            return self._engine(self.normalize(images))
+            # normalise straight into the engine's memory format: no separate layout copy
+            normalized = torch.empty_like(images, memory_format=self._engine.memory_format)
+            torch.sub(images, self.mean, out=normalized).div_(self.std)
+            return self._engine(normalized)
 
     def probabilities(self, images: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
         """Softmax probabilities (N, classes) without autograd, in chunks of ``batch_size``

@@ -81,6 +81,24 @@ def _structure(module: nn.Module) -> list[tuple[str, int]]:
     return [(name, id(m)) for name, m in module.named_modules()]
 
 
+def engine_twin(model: ClassifierHandle, batch_size: int = 4) -> ClassifierHandle | None:
+    """The same network with its hook-free forwards (``predict``) run by ONNX Runtime, the
+    default CPU engine of runs; None where that engine is not installed or the model is not on
+    CPU. Plugins must give the same results through it: an explainer that expects a hook to
+    fire inside ``predict``, or a metric that bypasses it, shows up here."""
+    if model.device.type != "cpu":
+        return None
+    try:
+        import onnx  # noqa: F401
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        return None
+    twin = ClassifierHandle(model.loaded, model.device, channels_last=model.channels_last,
+                            name=model.name)
+    twin.use_engine("onnxruntime", batch_size)
+    return twin
+
+
 def _explain(explainer: Explainer, model: ClassifierHandle, images: torch.Tensor,
              targets: torch.Tensor) -> torch.Tensor:
     grad = torch.enable_grad() if explainer.needs_gradients else torch.no_grad()
@@ -95,7 +113,8 @@ def check_explainer(cls: type[Explainer], model: ClassifierHandle | None = None,
 
     Checks: metadata; output type, shape (B, h, w), float dtype, device; finite and >= 0;
     identical output for a second instance with the same seed; the batch gives the same maps
-    as the images one by one; no hooks, modules, parameters or modes left changed.
+    as the images one by one, and as the model's ONNX Runtime twin (:func:`engine_twin`); no
+    hooks, modules, parameters or modes left changed.
     """
     name = getattr(cls, "name", cls.__name__)
     where = f"explainer {name!r}"
@@ -139,6 +158,14 @@ def check_explainer(cls: type[Explainer], model: ClassifierHandle | None = None,
     single_n, _ = normalize_maps(singles, size_hw)
     assert torch.allclose(batched_n, single_n, atol=1e-4), (
         f"{where}: maps of a batch differ from the same images explained one by one")
+
+    twin = engine_twin(model)
+    if twin is not None:
+        engine_maps = _explain(cls(layer=layer, seed=seed, **options), twin, images, targets)
+        engine_n, _ = normalize_maps(engine_maps, size_hw)
+        assert torch.allclose(batched_n, engine_n, atol=1e-3), (
+            f"{where}: maps differ when the model's hook-free forwards (model.predict) run "
+            f"through ONNX Runtime; use model(...) where you need hooks or gradients")
     return maps
 
 
@@ -171,7 +198,8 @@ def check_metric(cls: type[Metric], model: ClassifierHandle | None = None,
                  options: dict[str, Any] | None = None, batch: int = 2) -> dict[str, torch.Tensor]:
     """Assert the Metric contract: {variant: finite (B,) tensor}, deterministic, the model's
     parameters untouched, and the same values when the batch is scored image by image.
-    A model-scope metric (``kind = "model"``) gets batches without maps, as in a run."""
+    A model-scope metric (``kind = "model"``) gets batches without maps, as in a run; the
+    same values (to float rounding) with the model's ONNX Runtime twin (:func:`engine_twin`)."""
     where = f"metric {getattr(cls, 'name', cls.__name__)!r}"
     assert isinstance(cls, type) and issubclass(cls, Metric), f"{where}: not a Metric"
     assert cls.direction in ("lower", "higher"), f"{where}: direction must be lower or higher"
@@ -183,7 +211,7 @@ def check_metric(cls: type[Metric], model: ClassifierHandle | None = None,
     raw = torch.rand(batch, 7, 7, generator=generator).to(model.device)
     saliency, degenerate = normalize_maps(raw, tuple(images.shape[-2:]))
 
-    def make_batch(sel: slice) -> MetricBatch:
+    def make_batch(sel: slice, model: ClassifierHandle = model) -> MetricBatch:
         n = len(range(*sel.indices(batch)))
         if cls.kind == "model":
             return MetricBatch(model=model, images=images[sel], targets=targets[sel],
@@ -214,4 +242,13 @@ def check_metric(cls: type[Metric], model: ClassifierHandle | None = None,
         joined = torch.cat([s[variant] for s in singles])
         assert torch.allclose(values.double(), joined.double(), atol=1e-5), (
             f"{where}: variant {variant!r} changes with the batch size")
+    twin = engine_twin(model)
+    if twin is not None:
+        with torch.no_grad():
+            through_engine = cls(**(options or {})).score(make_batch(slice(None), twin))
+        for variant, values in scores.items():
+            assert torch.allclose(values.double(), through_engine[variant].double(),
+                                  atol=1e-3, rtol=1e-3), (
+                f"{where}: variant {variant!r} differs when the model's hook-free forwards run "
+                f"through ONNX Runtime")
     return scores
