@@ -144,3 +144,43 @@ def test_resume_with_another_engine_is_refused(tmp_path, images, toy_registry):
     header.write_text(json.dumps(data))
     Runner(_config(images, explainers="gradcam", engine="eager"), toy_registry, tmp_path,
            name="r").run(resume=True)
+
+
+def _count_engine_calls(model) -> list[int]:
+    engine, calls = model._engine, []
+    run = engine._run
+    engine._run = lambda chunk: (calls.append(len(chunk)), run(chunk))[1]
+    return calls
+
+
+def test_insertion_deletion_and_rise_fill_whole_engine_batches():
+    from xbench import MetricBatch
+    from xbench.saliency import normalize_maps
+    from xbench_plugins.insertion_deletion import Insertion
+    from xbench_plugins.rise import RISE
+
+    model = toy_model(seed=0)
+    model.use_engine("onnxruntime", batch_size=4)
+    calls = _count_engine_calls(model)
+    images = toy_images(1, seed=5)
+    saliency, degenerate = normalize_maps(torch.rand(1, 4, 4), (32, 32))
+    probs = model.probabilities(images)
+    targets = probs.argmax(dim=1)
+    calls.clear()
+    with model.counting() as counts:
+        Insertion(step=64).score(MetricBatch(
+            model=model, images=images, targets=targets, saliency=saliency,
+            degenerate=degenerate, clean_probs=probs[0, targets], explain_forward=None,
+            explain_backward=None, explain_seconds=None))
+    rows = 2 * (32 * 32 // 64 + 1)  # deletion and insertion, 17 points each
+    assert counts["forward"] == rows
+    assert len(calls) == -(-rows // 4)  # 9 engine calls: only the last one padded
+
+    rise = RISE(n_masks=8, seed=0)
+    rise.prepare(model, (3, 32, 32))
+    images = toy_images(3, seed=6)
+    calls.clear()
+    with model.counting() as counts, torch.no_grad():
+        rise.explain(model, images, model.probabilities(images).argmax(dim=1))
+    assert counts["forward"] == 3 * 8 + 3  # + the 3 forwards that chose the targets
+    assert len(calls) == 1 + 3 * 8 // 4  # 1 for the targets, then 6 full batches, no padding

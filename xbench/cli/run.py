@@ -104,6 +104,9 @@ def run(args: argparse.Namespace) -> int:
         from xbench.report import write_report
 
         err.print(f"wrote {write_report(summary.folder.path, registry=registry)}", highlight=False)
+    engine = summary.header.environment.get("engine", {})
+    if "failed" in engine.get("reason", ""):
+        err.print(f"[yellow]warning:[/] forwards ran eagerly ({engine['reason']})", highlight=False)
     err.print(f"{summary.units_done} units computed, {summary.units_skipped} already done, "
               f"{summary.failed_cells} failed cells, {summary.failed_images} unreadable images "
               f"in {elapsed:.1f} s; records in {summary.folder.path}", highlight=False)
@@ -114,7 +117,9 @@ def print_matrix(console: Console, folder, table) -> None:
     header = folder.header()
     frame = leaderboard.run_frame(folder)
     accuracy, labelled = leaderboard.top1_accuracy(frame)
+    engine = header.environment.get("engine", {}).get("name", "eager")
     title = (f"{header.run_name} — protocol v{header.protocol}, profile {header.profile}, "
+             f"engine {engine}, "
              f"top-1 {leaderboard.format_number(accuracy)} ({labelled} labelled)")
     model = leaderboard.model_scores(frame, seed=header.config.get("seed", 0))
     for _, line in model.iterrows():
