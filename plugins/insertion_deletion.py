@@ -87,8 +87,8 @@ def perturbed_images(images: torch.Tensor, blur: torch.Tensor, substrate: torch.
 def _job_chunks(images: int, points: int, chunk: int, multiple: int = 1) -> Iterator[torch.Tensor]:
     """All (curve, image, step) triples as (J, 3) rows, in the fewest chunks of at most ``chunk``
     rows, sized as evenly as possible (no small last chunk) when ``multiple`` is 1, else in
-    multiples of ``multiple`` rows but the last (an engine's fixed batch: one padded forward at
-    most); the steps of an image are adjacent."""
+    multiples of ``multiple`` rows but the last (an engine's batch: full calls, and one padded
+    one at most with the compiled engine); the steps of an image are adjacent."""
     total = 2 * images * points
     if multiple > 1:
         size = max(1, chunk // multiple) * multiple

@@ -16,10 +16,11 @@ torch.profiler). Two engines remove that overhead, and must agree with eager to 
 ``auto`` (the default) picks ``onnxruntime`` for fp32 runs on CPU when the model exports, and
 ``eager`` otherwise; what was picked, and why, is recorded in the run header and every row.
 
-Each engine runs one fixed batch size (compiled kernels are specialised to one shape, and ONNX
-Runtime plans memory for one) and pads a short last chunk with zero images whose outputs are
-dropped. Each output row depends only on its own input row, so padding and chunking never change
-a number. Gradients, hooks on inner layers and weight updates need the eager module:
+Each engine runs at most ``batch_size`` images per call. ONNX Runtime takes any smaller batch
+as it comes (its output rows are bit-identical whatever the batch, tests/test_engine.py);
+compiled kernels are specialised to one shape, so ``compiled`` pads a short last chunk with zero
+images whose outputs are dropped (one compile, and every row depends only on its own input).
+Gradients, hooks on inner layers and weight updates need the eager module:
 :meth:`xbench.model.ClassifierHandle.predict` is the only caller.
 """
 
@@ -42,11 +43,14 @@ AGREEMENT = 1e-3
 
 
 class FixedBatchEngine:
-    """Logits of ``net`` for inputs of shape (N, *``sample_shape``), run in fixed batches of
-    ``batch_size``. Subclasses build ``self._run`` (a (batch_size, ...) tensor -> logits); the
-    constructor checks it against eager on a random batch and times that first call."""
+    """Logits of ``net`` for inputs of shape (N, *``sample_shape``), run in chunks of at most
+    ``batch_size`` (exactly ``batch_size``, zero-padded, when the class sets ``pads``).
+    Subclasses build ``self._run`` (a chunk -> its logits); the constructor checks it against
+    eager on a random batch and times that first call."""
 
     name = ""
+    #: whether every call must have exactly ``batch_size`` rows (a short chunk is padded)
+    pads = True
     #: what to do when the engine cannot run a model (ends the error message)
     remedy = ""
 
@@ -98,7 +102,7 @@ class FixedBatchEngine:
         outputs = []
         for chunk in inputs.split(self.batch_size):
             n = chunk.shape[0]
-            if n < self.batch_size:
+            if n < self.batch_size and self.pads:
                 self._padded[:n].copy_(chunk)
                 self._padded[n:].zero_()
                 chunk = self._padded
@@ -109,10 +113,12 @@ class FixedBatchEngine:
 
 
 class OnnxRuntimeForward(FixedBatchEngine):
-    """The network exported to ONNX (in memory) and run by ONNX Runtime on CPU."""
+    """The network exported to ONNX (in memory) and run by ONNX Runtime on CPU, with a
+    dynamic batch dimension: a short chunk runs as it is, no padding."""
 
     name = "onnxruntime"
     remedy = "pip install onnxruntime onnx"
+    pads = False
 
     def _build(self, net, probe):
         import onnxruntime
@@ -122,7 +128,8 @@ class OnnxRuntimeForward(FixedBatchEngine):
             # the TorchScript-based exporter: seconds for a CNN, no onnxscript dependency
             warnings.simplefilter("ignore")
             torch.onnx.export(net, (probe.contiguous(),), buffer, input_names=["images"],
-                              output_names=["logits"], opset_version=17, dynamo=False)
+                              output_names=["logits"], opset_version=17, dynamo=False,
+                              dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}})
         options = onnxruntime.SessionOptions()
         options.intra_op_num_threads = torch.get_num_threads()
         options.inter_op_num_threads = 1

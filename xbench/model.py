@@ -87,8 +87,9 @@ class ClassifierHandle(nn.Module):
 
     @property
     def engine_batch_size(self) -> int | None:
-        """The fixed batch size of the engine :meth:`predict` runs (None for eager): callers that
-        choose their own batches waste the padding of a short last chunk unless they fill it."""
+        """The most images per call of the engine :meth:`predict` runs (None for eager): callers
+        that fill whole batches make the fewest calls and, with the compiled engine, which pads
+        a short chunk, compute no padding."""
         return None if self._engine is None else self._engine.batch_size
 
     def predict(self, images: torch.Tensor) -> torch.Tensor:
