@@ -66,7 +66,10 @@ class Explainer(ABC):
 
     @abstractmethod
     def explain(self, model: ClassifierHandle, images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """Return saliency maps (B, h, w), >= 0, for ``targets`` on ``images``."""
+        """Return saliency maps (B, h, w), >= 0, for ``targets`` on ``images``.
+
+        ``model(x)`` is the eager network (autograd, hooks); ``model.predict(x)`` the fast
+        black-box forward through the run's engine (no hooks run): use it for masked copies."""
 
 
 @dataclass(frozen=True)
