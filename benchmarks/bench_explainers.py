@@ -39,8 +39,7 @@ import pytest
 import torch
 
 from xbench.data import load_image, sample_images
-from xbench.engine import auto_engine
-from xbench.model import ClassifierHandle, masked_batch_size
+from xbench.model import ClassifierHandle
 from xbench.plugins import build_registry
 from xbench_plugins.gradcam import GradCAM
 from xbench_plugins.gradcampp import GradCAMPlusPlus
@@ -52,7 +51,6 @@ from xbench_plugins.scorecam import ScoreCAM
 SIZE = 224
 # K = 80 by default; XBENCH_BENCH_SCORECAM_LAYER=_bn1 runs the issue's K = 1280 setting (slow)
 SCORECAM_LAYER = os.environ.get("XBENCH_BENCH_SCORECAM_LAYER", "_blocks.7._bn2")
-CPU = torch.device("cpu")
 RISE_MASKS = 256
 BATCH_SIZES = (16, 32, 64)  # batch 1..8 is never the fastest here
 ROUNDS = 2
@@ -63,17 +61,6 @@ def model() -> ClassifierHandle:
     loaded = build_registry().model("efficientnet-lite0")().load()
     handle = ClassifierHandle(loaded, channels_last=True, name="efficientnet-lite0")
     handle.probabilities(torch.rand(16, 3, SIZE, SIZE))  # warm-up: allocator, oneDNN kernels
-    return handle
-
-
-@pytest.fixture(scope="module")
-def engine_model(model) -> ClassifierHandle:
-    """The same network through the engine ``xbench run`` picks on this CPU (auto)."""
-    name, _ = auto_engine(CPU, "fp32")
-    if name == "eager":
-        pytest.skip("no engine besides eager here (pip install onnxruntime onnx)")
-    handle = ClassifierHandle(model.loaded, channels_last=True, name="efficientnet-lite0")
-    handle.use_engine(name, masked_batch_size(CPU))
     return handle
 
 
@@ -234,17 +221,7 @@ print(best)
 """
 
 
-def as_shipped_seconds(which: str, rounds: int = 2) -> float:
-    import subprocess
-    import sys
-
-    env = {k: v for k, v in os.environ.items() if k != "XBENCH_NO_MALLOPT"}
-    out = subprocess.run([sys.executable, "-c", AS_SHIPPED, which, SCORECAM_LAYER, str(rounds)],
-                         capture_output=True, text=True, env=env, check=True)
-    return float(out.stdout.strip().splitlines()[-1])
-
-
-def test_scorecam_as_shipped(benchmark):
+def test_scorecam_as_shipped(benchmark, fresh_process_seconds):
     """Issue 3's target: at least 2.5x faster than the faster peer, each library run the way it
     ships (see the module docstring)."""
     pytest.importorskip("pytorch_grad_cam")
@@ -253,7 +230,8 @@ def test_scorecam_as_shipped(benchmark):
     times = {name: float("inf") for name in names}
     for _ in range(2):  # interleaved processes: each sees the same background load
         for name in names:
-            times[name] = min(times[name], as_shipped_seconds(name))
+            times[name] = min(times[name],
+                              fresh_process_seconds(AS_SHIPPED, name, SCORECAM_LAYER, "2"))
     ratio = min(times["pytorch-grad-cam"], times["torchcam"]) / times["xbench"]
     report(benchmark, times, **{"faster peer / xbench (as shipped)": ratio})
     benchmark.pedantic(lambda: None, rounds=1, iterations=1)
