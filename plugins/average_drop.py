@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from xbench import Metric, MetricBatch, hookimpl
-from xbench.saliency import retention_mask
+from xbench.saliency import retention_masks
 
 DEFAULT_RETENTIONS = (1.0, 0.5, 0.15)
 MASKINGS = ("continuous", "binary")
@@ -26,8 +26,7 @@ def masked_probabilities(batch: MetricBatch, retentions: tuple[float, ...], mask
     """{r: O (B,)}: p_c of the images masked by their maps kept at each retention, memoised."""
     key = ("average-drop/masked", retentions, masking)
     if key not in batch.cache:
-        masks = torch.cat([retention_mask(batch.saliency, r, binary=masking == "binary")
-                           for r in retentions])
+        masks = torch.cat(retention_masks(batch.saliency, retentions, binary=masking == "binary"))
         # An all-ones mask (binary r = 100%) leaves the image unchanged: O is Y exactly. A new
         # forward would only add float noise that flips O > Y at random, so none is made.
         unchanged = (masks == 1).flatten(1).all(dim=1)

@@ -11,7 +11,7 @@ from torch import nn
 
 from conftest import write_images
 
-from xbench.engine import FixedBatchEngine, auto_engine, build_engine
+from xbench.engine import InferenceEngine, auto_engine, build_engine
 from xbench.errors import UserError
 from xbench.runner import RunConfig, Runner
 from xbench.testing import toy_images, toy_model
@@ -75,7 +75,7 @@ def test_engine_errors_name_the_engine_and_the_way_out():
         build_engine("onnxruntime", _Unexportable(), 2, (3, 8, 8), torch.device("cuda"),
                      torch.contiguous_format)
 
-    class Wrong(FixedBatchEngine):
+    class Wrong(InferenceEngine):
         name = "wrong"
 
         def _build(self, net, probe):

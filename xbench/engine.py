@@ -42,7 +42,7 @@ ENGINES = ("auto", "eager", "onnxruntime", "compiled")
 AGREEMENT = 1e-3
 
 
-class FixedBatchEngine:
+class InferenceEngine:
     """Logits of ``net`` for inputs of shape (N, *``sample_shape``), run in chunks of at most
     ``batch_size`` (exactly ``batch_size``, zero-padded, when the class sets ``pads``).
     Subclasses build ``self._run`` (a chunk -> its logits); the constructor checks it against
@@ -61,8 +61,8 @@ class FixedBatchEngine:
             raise ValueError(f"engine batch size must be >= 1, got {batch_size}")
         self.batch_size = batch_size
         self.memory_format = memory_format
-        self._padded = torch.zeros((batch_size, *sample_shape), device=device).contiguous(
-            memory_format=memory_format)
+        self._padded = (torch.zeros((batch_size, *sample_shape), device=device).contiguous(
+            memory_format=memory_format) if self.pads else None)
         probe = torch.rand((batch_size, *sample_shape), generator=torch.Generator().manual_seed(0))
         probe = probe.to(device).contiguous(memory_format=memory_format)
         start = time.perf_counter()
@@ -112,7 +112,7 @@ class FixedBatchEngine:
         return outputs[0] if len(outputs) == 1 else torch.cat(outputs)
 
 
-class OnnxRuntimeForward(FixedBatchEngine):
+class OnnxRuntimeForward(InferenceEngine):
     """The network exported to ONNX (in memory) and run by ONNX Runtime on CPU, with a
     dynamic batch dimension: a short chunk runs as it is, no padding."""
 
@@ -147,7 +147,7 @@ class OnnxRuntimeForward(FixedBatchEngine):
         return run
 
 
-class CompiledForward(FixedBatchEngine):
+class CompiledForward(InferenceEngine):
     """``torch.compile`` (inductor) of the network with frozen weights, so that batch norm folds
     into the convolutions; recompiles if autocast or the device changes."""
 
@@ -161,7 +161,7 @@ class CompiledForward(FixedBatchEngine):
 def build_engine(name: str, net: nn.Module, batch_size: int, sample_shape: tuple[int, ...],
                  device: torch.device, memory_format: torch.memory_format,
                  autocast: contextlib.AbstractContextManager | None = None,
-                 ) -> FixedBatchEngine | None:
+                 ) -> InferenceEngine | None:
     """The engine called ``name`` for ``net`` (None for eager); raises UserError naming the
     engine when it cannot run the model."""
     if name == "eager":

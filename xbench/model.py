@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from xbench.base import LoadedModel
-from xbench.engine import FixedBatchEngine, build_engine
+from xbench.engine import InferenceEngine, build_engine
 from xbench.errors import UserError, did_you_mean
 
 
@@ -36,9 +36,7 @@ class ClassifierHandle(nn.Module):
             self.net.to(memory_format=torch.channels_last)
         self.forward_count = 0
         self.backward_count = 0
-        #: the engine :meth:`predict` runs (xbench.engine), set by :meth:`use_engine`
-        self.engine = "eager"
-        self._engine: FixedBatchEngine | None = None
+        self._engine: InferenceEngine | None = None  # set by :meth:`use_engine`
 
     @property
     def device(self) -> torch.device:
@@ -74,7 +72,7 @@ class ClassifierHandle(nn.Module):
         self.backward_count += batch
 
     def use_engine(self, name: str, batch_size: int,
-                   autocast: contextlib.AbstractContextManager | None = None) -> FixedBatchEngine | None:
+                   autocast: contextlib.AbstractContextManager | None = None) -> InferenceEngine | None:
         """Run :meth:`predict` through the engine ``name`` of :mod:`xbench.engine` ('eager',
         'onnxruntime', 'compiled'), built for batches of ``batch_size``; returns it (None for
         eager). Raises UserError when the engine cannot run this model."""
@@ -82,8 +80,12 @@ class ClassifierHandle(nn.Module):
         size = self.input_size
         self._engine = build_engine(name, self.net, batch_size, (3, size, size), self.device,
                                     fmt, autocast)
-        self.engine = name
         return self._engine
+
+    @property
+    def engine(self) -> str:
+        """The name of the engine :meth:`predict` runs: 'eager', 'onnxruntime' or 'compiled'."""
+        return "eager" if self._engine is None else self._engine.name
 
     @property
     def engine_batch_size(self) -> int | None:

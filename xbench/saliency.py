@@ -37,20 +37,32 @@ def descending_order(maps: torch.Tensor) -> torch.Tensor:
     return torch.sort(maps.flatten(1), dim=1, descending=True, stable=True).indices
 
 
+def retention_masks(maps: torch.Tensor, retentions: tuple[float, ...],
+                    binary: bool = False) -> list[torch.Tensor]:
+    """:func:`retention_mask` at each of ``retentions``, sorting every map once (and not at
+    all for r = 1, which keeps every pixel)."""
+    for retention in retentions:
+        if not 0 < retention <= 1:
+            raise ValueError(f"retention must be in (0, 1], got {retention}")
+    batch, height, width = maps.shape
+    order = None
+    out = []
+    for retention in retentions:
+        keep = math.ceil(retention * height * width)
+        mask = torch.ones(batch, height * width, dtype=torch.bool, device=maps.device)
+        if keep < height * width:
+            if order is None:
+                order = descending_order(maps)
+            mask = torch.zeros_like(mask).scatter_(1, order[:, :keep], True)
+        mask = mask.view(batch, height, width)
+        out.append(mask.to(maps.dtype) if binary else maps * mask)
+    return out
+
+
 def retention_mask(maps: torch.Tensor, retention: float, binary: bool = False) -> torch.Tensor:
     """Keep the top ceil(r*H*W) pixels of each map (B, H, W), zero the rest.
 
     Continuous (default, L-CAM/TAME protocol): kept pixels keep their saliency weight.
     Binary: kept pixels are 1. r = 1 with continuous weights is the plain map.
     """
-    if not 0 < retention <= 1:
-        raise ValueError(f"retention must be in (0, 1], got {retention}")
-    batch, height, width = maps.shape
-    keep = math.ceil(retention * height * width)
-    order = descending_order(maps)[:, :keep]
-    mask = torch.zeros(batch, height * width, dtype=torch.bool, device=maps.device)
-    mask.scatter_(1, order, True)
-    mask = mask.view(batch, height, width)
-    if binary:
-        return mask.to(maps.dtype)
-    return maps * mask
+    return retention_masks(maps, (retention,), binary)[0]
