@@ -173,8 +173,8 @@ def test_scorecam_speed(benchmark, model, engine_model, photos):
 # One contender per fresh process, set up the way its users run it: xbench as every xbench command
 # does (allocator tuned, channels_last model, the engine --engine auto picks); a peer in a plain
 # Python process (glibc's default allocator, the model in its default memory format). Prints the
-# best seconds of ``rounds`` calls after one warm-up call (the engine's one-off export, ~2 s,
-# happens before both, as in a run).
+# best seconds of ``rounds`` calls after one warm-up call (conftest.py; the engine's one-off
+# export, ~2 s, happens before both, as in a run).
 AS_SHIPPED = """
 import sys, time, torch
 which, layer, rounds = sys.argv[1], sys.argv[2], int(sys.argv[3])
@@ -211,27 +211,16 @@ else:
         with torch.inference_mode():
             scores = model(image)
         extractor(class_idx=target, scores=scores)
-call()
-best = float("inf")
-for _ in range(rounds):
-    start = time.perf_counter()
-    call()
-    best = min(best, time.perf_counter() - start)
-print(best)
 """
 
 
-def test_scorecam_as_shipped(benchmark, fresh_process_seconds):
+def test_scorecam_as_shipped(benchmark, as_shipped_seconds):
     """Issue 3's target: at least 2.5x faster than the faster peer, each library run the way it
     ships (see the module docstring)."""
     pytest.importorskip("pytorch_grad_cam")
     pytest.importorskip("torchcam")
-    names = ("xbench", "pytorch-grad-cam", "torchcam")
-    times = {name: float("inf") for name in names}
-    for _ in range(2):  # interleaved processes: each sees the same background load
-        for name in names:
-            times[name] = min(times[name],
-                              fresh_process_seconds(AS_SHIPPED, name, SCORECAM_LAYER, "2"))
+    times = as_shipped_seconds(AS_SHIPPED, ("xbench", "pytorch-grad-cam", "torchcam"),
+                               SCORECAM_LAYER, "2")
     ratio = min(times["pytorch-grad-cam"], times["torchcam"]) / times["xbench"]
     report(benchmark, times, **{"faster peer / xbench (as shipped)": ratio})
     benchmark.pedantic(lambda: None, rounds=1, iterations=1)

@@ -209,8 +209,7 @@ def test_insertion_deletion_speed(benchmark, model, engine_model):
 
 
 # One contender per fresh process, set up the way its users run it (see the module docstring);
-# prints the best seconds of ``rounds`` calls of insertion + deletion on one image after one
-# warm-up call.
+# times insertion + deletion on one image (conftest.py).
 AS_SHIPPED = """
 import sys, time, torch
 which, rounds, here = sys.argv[1], int(sys.argv[2]), sys.argv[3]
@@ -239,27 +238,17 @@ else:
                                        steps=b.STEPS, baseline=model.mean, batch_size=b.PEER_BATCH)
         peer.update(images, class_idx=[target])
         return peer.summary()
-call()
-best = float("inf")
-for _ in range(rounds):
-    start = time.perf_counter()
-    call()
-    best = min(best, time.perf_counter() - start)
-print(best)
 """
 
 
-def test_insertion_deletion_as_shipped(benchmark, fresh_process_seconds):
+def test_insertion_deletion_as_shipped(benchmark, as_shipped_seconds):
     """Issue 4's target: at least 3x faster than torchcam's DeletionInsertionMetric at equal
     steps, each library run the way it ships."""
     metrics = pytest.importorskip("torchcam.metrics")
     if not hasattr(metrics, "DeletionInsertionMetric"):
         pytest.skip("this torchcam has no DeletionInsertionMetric")
-    times = {name: float("inf") for name in ("xbench", "torchcam")}
-    for _ in range(2):  # interleaved processes: each sees the same background load
-        for name in times:
-            times[name] = min(times[name], fresh_process_seconds(
-                AS_SHIPPED, name, "3", os.path.dirname(os.path.abspath(__file__))))
+    times = as_shipped_seconds(AS_SHIPPED, ("xbench", "torchcam"), "3",
+                               os.path.dirname(os.path.abspath(__file__)))
     ratio = times["torchcam"] / times["xbench"]
     report(benchmark, times, **{"torchcam / xbench (as shipped)": ratio})
     benchmark.pedantic(lambda: None, rounds=1, iterations=1)
