@@ -85,10 +85,15 @@ def test_engine_errors_name_the_engine_and_the_way_out():
         Wrong(toy_model().net, 2, (3, 32, 32), torch.device("cpu"))
 
 
-def test_auto_picks_onnxruntime_only_for_fp32_on_cpu():
+def test_auto_picks_onnxruntime_only_for_fp32_on_cpu(images, toy_registry):
     assert auto_engine(torch.device("cpu"), "fp32")[0] == "onnxruntime"
     assert auto_engine(torch.device("cpu"), "bf16")[0] == "eager"
     assert auto_engine(torch.device("cuda"), "fp32")[0] == "eager"
+    with pytest.raises(UserError, match="--engine onnxruntime runs fp32 forwards, not --dtype "
+                                        "bf16: use --engine eager or compiled"):
+        Runner(_config(images, engine="onnxruntime", dtype="bf16"), toy_registry, images)
+    with pytest.raises(UserError, match="--engine 'fast': choose one of auto, eager"):
+        Runner(_config(images, engine="fast"), toy_registry, images)
 
 
 def _config(images, **changes):

@@ -38,7 +38,7 @@ from torch import nn
 from xbench.errors import UserError
 
 ENGINES = ("auto", "eager", "onnxruntime", "compiled")
-#: compiled logits may differ from eager by float rounding, not more (relative to the largest)
+#: an engine's logits may differ from eager by float rounding, not more (relative to the largest)
 AGREEMENT = 1e-3
 
 

@@ -130,6 +130,9 @@ class Runner:
             raise UserError(f"--dtype {config.dtype!r}: choose one of {sorted(DTYPES)}")
         if config.engine not in ENGINES:
             raise UserError(f"--engine {config.engine!r}: choose one of {', '.join(ENGINES)}")
+        if config.engine == "onnxruntime" and config.dtype != "fp32":
+            raise UserError(f"--engine onnxruntime runs fp32 forwards, not --dtype "
+                            f"{config.dtype}: use --engine eager or compiled with it")
         if config.batch_size < 1:
             raise UserError(f"--batch-size must be >= 1, got {config.batch_size}")
         self.explainer_names = registry.select("explainer", config.explainers)
