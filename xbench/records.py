@@ -100,7 +100,7 @@ class ResultRow:
     seed: int = 0
     device: str = ""
     dtype: str = ""
-    #: inference engine of the hook-free forwards, 'eager' or 'compiled' ('' before it existed)
+    #: engine of the hook-free forwards: 'eager', 'onnxruntime' or 'compiled' ('' before engines)
     engine: str = ""
     batch_size: int = 0
     versions: str = ""

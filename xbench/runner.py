@@ -26,10 +26,10 @@ import torch.nn.functional as F
 from xbench import PROTOCOL_VERSION, __version__
 from xbench.base import Explainer, Metric, MetricBatch
 from xbench.data import Dataset, ImageItem, load_image, open_dataset
+from xbench.engine import ENGINES, auto_engine
 from xbench.environment import environment, resolve_device, short_versions, tune_allocator
 from xbench.errors import UserError
 from xbench.guard import no_leaked_hooks, time_limit
-from xbench.engine import ENGINES, auto_engine
 from xbench.model import ClassifierHandle, block_layers, masked_batch_size
 from xbench.plugins import Registry
 from xbench.profiles import PROFILES, plugin_options

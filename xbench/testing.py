@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from xbench.base import Explainer, LoadedModel, Metric, MetricBatch, Model
+from xbench.engine import auto_engine
 from xbench.model import ClassifierHandle
 from xbench.saliency import normalize_maps
 
@@ -86,12 +87,7 @@ def engine_twin(model: ClassifierHandle, batch_size: int = 4) -> ClassifierHandl
     default CPU engine of runs; None where that engine is not installed or the model is not on
     CPU. Plugins must give the same results through it: an explainer that expects a hook to
     fire inside ``predict``, or a metric that bypasses it, shows up here."""
-    if model.device.type != "cpu":
-        return None
-    try:
-        import onnx  # noqa: F401
-        import onnxruntime  # noqa: F401
-    except ImportError:
+    if auto_engine(model.device, "fp32")[0] != "onnxruntime":
         return None
     twin = ClassifierHandle(model.loaded, model.device, channels_last=model.channels_last,
                             name=model.name)

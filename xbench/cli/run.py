@@ -12,8 +12,8 @@ from rich.table import Table
 from xbench import leaderboard
 from xbench.cli.console import message_console, table_console
 from xbench.cli.progress import rich_progress
-from xbench.plugins import build_registry
 from xbench.engine import ENGINES
+from xbench.plugins import build_registry
 from xbench.runner import DTYPES, TARGET_RULES, RunConfig, Runner
 
 
