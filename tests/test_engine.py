@@ -1,4 +1,4 @@
-"""Inference engines (xbench.engine): agreement with eager PyTorch, fixed-batch padding that never
+"""Inference engines (xbench.engine): agreement with eager PyTorch, batching that never
 changes a number, exact pass counts, clear errors, and how runs choose and record them."""
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ def images(tmp_path):
     return folder
 
 
-def test_onnxruntime_agrees_with_eager_and_padding_changes_nothing():
+def test_onnxruntime_agrees_with_eager_and_batching_changes_nothing():
     model = toy_model(seed=3)
     images = toy_images(11, seed=4)
     eager = model.predict(images)
@@ -35,10 +35,10 @@ def test_onnxruntime_agrees_with_eager_and_padding_changes_nothing():
     assert model.engine == "onnxruntime" and model.engine_batch_size == 4
     assert engine.max_logit_difference < 1e-4
     with model.counting() as counts:
-        logits = model.predict(images)  # 4 + 4 + 3 (padded to 4) rows
-    assert counts["forward"] == 11  # passes are the rows asked for, never the padding
+        logits = model.predict(images)  # calls of 4 + 4 + 3 rows
+    assert counts["forward"] == 11  # passes are the rows asked for
     torch.testing.assert_close(logits, eager, atol=1e-4, rtol=1e-4)
-    # every row depends on its own input only: alone, in a full or a padded batch, bit for bit
+    # every row depends on its own input only: alone, in a full or a short batch, bit for bit
     for i in (0, 5, 10):
         assert torch.equal(model.predict(images[i:i + 1])[0], logits[i])
     assert torch.equal(model.predict(images[3:7]), logits[3:7])
@@ -56,7 +56,7 @@ def test_compiled_engine_agrees_with_eager():
     except UserError as exc:  # no C++ compiler on this machine: the error says what to do
         assert "--engine compiled" in str(exc) and "--engine eager" in str(exc)
         pytest.skip(str(exc))
-    torch.testing.assert_close(model.predict(images), eager, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(model.predict(images), eager, atol=1e-4, rtol=1e-4)  # 4 + 1 padded
 
 
 class _Unexportable(nn.Module):
@@ -179,7 +179,7 @@ def test_insertion_deletion_and_rise_fill_whole_engine_batches():
             explain_backward=None, explain_seconds=None))
     rows = 2 * (32 * 32 // 64 + 1)  # deletion and insertion, 17 points each
     assert counts["forward"] == rows
-    assert len(calls) == -(-rows // 4)  # 9 engine calls: only the last one padded
+    assert len(calls) == -(-rows // 4)  # 9 engine calls: all full but the last
 
     rise = RISE(n_masks=8, seed=0)
     rise.prepare(model, (3, 32, 32))
