@@ -20,7 +20,7 @@ Targets, asserted as ratios so that a slow or busy machine does not matter:
 
 Configuration, the same for every contender: EfficientNet-Lite0 (real weights), channels_last,
 inference mode where no gradient is needed. Score-CAM uses layer ``_blocks.7._bn2`` (K = 80
-channels, 14 x 14) instead of ``_bn1`` (K = 1280): the peers need ~1 min per image at K = 1280
+channels, 14 x 14) instead of the default ``_swish._bn1`` (K = 1280): the peers need ~1 min per image at K = 1280
 here, and the ratios are per forward pass, so K only scales every contender alike. RISE uses
 N = 256 masks (the cost is linear in N; the paper's 4000 would take minutes per round).
 
@@ -49,7 +49,7 @@ from xbench_plugins.rise import RISE
 from xbench_plugins.scorecam import ScoreCAM
 
 SIZE = 224
-# K = 80 by default; XBENCH_BENCH_SCORECAM_LAYER=_bn1 runs the K = 1280 setting (slow)
+# K = 80 by default; XBENCH_BENCH_SCORECAM_LAYER=_swish._bn1 runs the K = 1280 setting (slow)
 SCORECAM_LAYER = os.environ.get("XBENCH_BENCH_SCORECAM_LAYER", "_blocks.7._bn2")
 RISE_MASKS = 256
 BATCH_SIZES = (16, 32, 64)  # batch 1..8 is never the fastest here
@@ -255,7 +255,7 @@ def forward_backward(model: ClassifierHandle, images: torch.Tensor, targets: tor
 @pytest.mark.parametrize("cls", [GradCAM, GradCAMPlusPlus, LayerCAM, GuidedBackprop])
 def test_gradient_explainer_speed(benchmark, model, photos, cls):
     images, targets = photos
-    explainer = cls()  # default layer _bn1 for the CAMs
+    explainer = cls()  # default layer _swish._bn1 for the CAMs
     contenders = {"forward+backward": partial(forward_backward, model, images, targets),
                   "xbench": partial(run, explainer, model, images, targets, True)}
     times = interleaved_min(contenders, rounds=10)

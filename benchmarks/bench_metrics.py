@@ -112,7 +112,7 @@ def per_step_loop(model: ClassifierHandle, image: torch.Tensor, saliency: torch.
     order = torch.sort(saliency.flatten(), descending=True, stable=True).indices
     curves = []
     for start, finish in ((image.clone(), model.mean.expand_as(image[None])[0]),
-                          (blurred(image[None])[0], image)):
+                          (blurred(image[None], model.mean)[0], image)):
         current = start.clone().view(3, -1)
         finish = finish.reshape(3, -1)
         curve = []

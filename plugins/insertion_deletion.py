@@ -2,8 +2,14 @@
 
 Pixels are ordered by descending saliency (stable: ties keep raster order). Deletion starts
 from the image x and, ``step`` pixels at a time, replaces them by the substrate (the model's
-normalisation mean colour in pixel space); insertion starts from a Gaussian blur of x (kernel
-11, sigma 5) and puts the original pixels back. The curve a_0..a_n is p_c of the image after
+normalisation mean colour in pixel space); insertion starts from a Gaussian blur of x and puts
+the original pixels back. The blur is the official RISE code's (``gkern(11, 5)`` convolved with
+the normalised image, zero padding): the kernel is a unit impulse filtered by a sigma = 5
+Gaussian with reflected boundaries on an 11 x 11 grid (it sums to 1 and is flatter than a
+truncated, renormalised Gaussian), and the border is padded with zeros of the *normalised*
+image, i.e. with the model's mean colour in pixel space (``blur_padding=mean``, the default);
+``blur_padding=reflect`` pads by reflection instead (protocol v1's rule; up to ~0.1 insertion
+AUC apart on single images). The curve a_0..a_n is p_c of the image after
 0, 1, ..., n steps (n = ceil(H*W / step), the last step may move fewer pixels) and
 AUC = (sum_k a_k - (a_0 + a_n) / 2) / n, the trapezoid rule on [0, 1] (PROTOCOL.md).
 
@@ -13,20 +19,23 @@ The three metrics read the same curves, computed once per batch and memoised in
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
-from torchvision.transforms.v2 import functional as TF
+import torch.nn.functional as F
 
 from xbench import Metric, MetricBatch, hookimpl
 from xbench.saliency import descending_order
 
 BLUR_KERNEL = 11
 BLUR_SIGMA = 5.0
+BLUR_PADDINGS = ("mean", "reflect")
 DELETION, INSERTION = 0, 1
 
 
@@ -53,10 +62,35 @@ def auc(curve: torch.Tensor) -> torch.Tensor:
     return (curve.sum(dim=-1) - (curve[..., 0] + curve[..., -1]) / 2) / steps
 
 
-def blurred(images: torch.Tensor) -> torch.Tensor:
-    """Insertion's start image: Gaussian blur, kernel 11, sigma 5, in pixel space."""
-    return TF.gaussian_blur(images, kernel_size=[BLUR_KERNEL, BLUR_KERNEL],
-                            sigma=[BLUR_SIGMA, BLUR_SIGMA])
+@functools.cache
+def rise_kernel(size: int = BLUR_KERNEL, sigma: float = BLUR_SIGMA) -> torch.Tensor:
+    """(size, size) blur kernel of the official RISE code: ``gkern(klen, nsig)`` filters a unit
+    impulse with scipy's Gaussian filter (reflect boundary, truncate 4 sigma); separable, so it
+    is the outer product of the filtered 1-D impulse. Sums to 1."""
+    from scipy.ndimage import gaussian_filter1d
+
+    impulse = np.zeros(size)
+    impulse[size // 2] = 1.0
+    line = torch.from_numpy(gaussian_filter1d(impulse, sigma, mode="reflect"))
+    return torch.outer(line, line).float()
+
+
+def blurred(images: torch.Tensor, mean: torch.Tensor, padding: str = "mean") -> torch.Tensor:
+    """Insertion's start image: the RISE blur (:func:`rise_kernel`) of pixel-space ``images``.
+
+    ``padding="mean"``: the border is padded with the mean colour ``mean`` (1, 3, 1, 1), which
+    is the official code's zero padding of the normalised image (the blur is linear per channel
+    and the kernel sums to 1); ``"reflect"``: reflection padding."""
+    if padding not in BLUR_PADDINGS:
+        raise ValueError(f"blur padding must be one of {', '.join(BLUR_PADDINGS)}, got {padding!r}")
+    channels = images.shape[1]
+    kernel = rise_kernel().to(images.device, images.dtype).expand(channels, 1, -1, -1)
+    half = BLUR_KERNEL // 2
+    if padding == "mean":
+        centred = images - mean.to(images.dtype)
+        return F.conv2d(centred, kernel, padding=half, groups=channels) + mean.to(images.dtype)
+    padded = F.pad(images, (half, half, half, half), mode="reflect")
+    return F.conv2d(padded, kernel, groups=channels)
 
 
 def pixel_ranks(saliency: torch.Tensor) -> torch.Tensor:
@@ -101,15 +135,15 @@ def _job_chunks(images: int, points: int, chunk: int, multiple: int = 1) -> Iter
         yield torch.stack([flat // (images * points), flat // points % images, flat % points], 1)
 
 
-def compute_curves(batch: MetricBatch, step: int, chunk: int) -> Curves:
+def compute_curves(batch: MetricBatch, step: int, chunk: int, blur_padding: str = "mean") -> Curves:
     """Deletion and insertion curves of every image of ``batch``: 2 (n + 1) forwards each."""
     images, targets = batch.images, batch.targets
     num, _, height, width = images.shape
     counts = step_counts(height * width, step).to(images.device)
     points = counts.numel()
     ranks = pixel_ranks(batch.saliency.to(images.device))
-    blur = blurred(images)
     substrate = batch.model.mean.to(images.dtype)
+    blur = blurred(images, substrate, blur_padding)
     scores = torch.empty(2, num, points, dtype=torch.float64)
     for jobs in _job_chunks(num, points, chunk, batch.model.engine_batch_size or 1):
         jobs = jobs.to(images.device)
@@ -123,7 +157,8 @@ def compute_curves(batch: MetricBatch, step: int, chunk: int) -> Curves:
 
 class _CausalMetric(Metric):
     """Shared options: ``step`` pixels per step (default: the image width, i.e. 224 at 224x224)
-    and ``batch_size`` step images per forward pass (default: 8 on CPU, as fast as larger
+    ``blur_padding`` of insertion's blurred start image ("mean", the official RISE rule, or
+    "reflect"; see the module docstring), and ``batch_size`` step images per forward pass (default: 8 on CPU, as fast as larger
     batches there in benchmarks/bench_metrics.py and light on memory; 64 on accelerators,
     which need wide batches to be busy). The batch size changes
     which images share a forward, never which pixels move: scores agree to the float rounding
@@ -132,30 +167,34 @@ class _CausalMetric(Metric):
     unit = "AUC"
 
     def __init__(self, step: int | None = None, batch_size: int | None = None,
-                 **options: Any) -> None:
+                 blur_padding: str = "mean", **options: Any) -> None:
         super().__init__(**options)
         for option, value in (("step", step), ("batch_size", batch_size)):
             if value is not None:
                 _check_positive_int(self.name, option, value)
+        if blur_padding not in BLUR_PADDINGS:
+            raise ValueError(f"metric {self.name!r}: option blur_padding must be one of "
+                             f"{', '.join(BLUR_PADDINGS)}, got {blur_padding!r}")
         self.step = step
         self.batch_size = batch_size
+        self.blur_padding = blur_padding
 
     def curves(self, batch: MetricBatch) -> Curves:
         """The batch's curves for this step size, computed by whichever metric asks first."""
         step = self.step if self.step is not None else int(batch.images.shape[-1])
-        key = ("insertion-deletion/curves", step)
+        key = ("insertion-deletion/curves", step, self.blur_padding)
         if key not in batch.cache:
             chunk = self.batch_size or default_batch_size(batch.images.device)
-            curves = compute_curves(batch, step, chunk)
+            curves = compute_curves(batch, step, chunk, self.blur_padding)
             batch.cache[key] = curves
-            variant = _variant(step)
+            variant = _variant(step, self.blur_padding)
             batch.curves[("deletion", variant)] = curves.deletion
             batch.curves[("insertion", variant)] = curves.insertion
         return batch.cache[key]
 
     def score(self, batch: MetricBatch) -> dict[str, torch.Tensor]:
         curves = self.curves(batch)
-        return {_variant(curves.step): self.per_image(curves)}
+        return {_variant(curves.step, self.blur_padding): self.per_image(curves)}
 
     @staticmethod
     def per_image(curves: Curves) -> torch.Tensor:
@@ -173,8 +212,9 @@ def _check_positive_int(metric: str, option: str, value: object) -> None:
                          f"got {value!r}")
 
 
-def _variant(step: int) -> str:
-    return f"step={step}"
+def _variant(step: int, blur_padding: str = "mean") -> str:
+    """``step=N``, plus the blur padding when it is not the protocol's default."""
+    return f"step={step}" if blur_padding == "mean" else f"step={step},blur_padding={blur_padding}"
 
 
 class Insertion(_CausalMetric):

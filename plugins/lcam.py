@@ -66,7 +66,8 @@ class AttentionHead(nn.Module):
         if init == "zero":
             # A = sigmoid(0) = 0.5 everywhere at the start. PyTorch's default (uniform, bound
             # 1/sqrt(K)) saturates the sigmoid on features with a large common mode (EfficientNet
-            # _bn1: mean -4.9, std 3.8), which freezes training at spatially constant masks.
+            # _bn1: mean -4.9, std 3.8; ReLU6(_bn1) is mostly 0), which freezes training at
+            # spatially constant masks.
             nn.init.zeros_(self.conv.weight)
             nn.init.zeros_(self.conv.bias)
         elif init != "pytorch":
@@ -108,8 +109,9 @@ def classifier_tail(net: nn.Module, layer: str) -> Callable[[torch.Tensor], torc
     """Function mapping the output of ``layer`` to the logits, exactly as ``net.forward`` does.
 
     Supported (L-CAM-Fm needs one; L-CAM-Img works on any classifier):
-    - EfficientNet-Lite (``efficientnet_lite_pytorch``), layer ``_bn1``:
-      ``_swish`` (ReLU6) -> ``_avg_pooling`` -> flatten -> ``_dropout`` -> ``_fc``;
+    - EfficientNet-Lite (``efficientnet_lite_pytorch``), layer ``_swish._bn1`` (the head's
+      ReLU6, the default): ``_avg_pooling`` -> flatten -> ``_dropout`` -> ``_fc``; layer
+      ``_bn1``: the head's ReLU6 first;
     - torchvision ResNet/ResNeXt/Wide-ResNet, layer ``layer4``: avgpool -> flatten -> fc;
     - torchvision VGG, layer ``features.N``: ``features[N+1:]`` -> avgpool -> flatten ->
       classifier.
@@ -117,10 +119,11 @@ def classifier_tail(net: nn.Module, layer: str) -> Callable[[torch.Tensor], torc
     """
     import torchvision
 
-    if type(net).__module__.startswith("efficientnet_lite_pytorch") and layer == "_bn1":
+    if (type(net).__module__.startswith("efficientnet_lite_pytorch")
+            and layer in ("_swish._bn1", "_bn1")):
         if getattr(net._global_params, "local_pooling", False):
             raise UserError("L-CAM-Fm: EfficientNet-Lite with local_pooling is not supported")
-        return functools.partial(_efficientnet_lite_tail, net)
+        return functools.partial(_efficientnet_lite_tail, net, layer == "_bn1")
     if isinstance(net, torchvision.models.ResNet) and layer == "layer4":
         return functools.partial(_resnet_tail, net)
     if isinstance(net, torchvision.models.VGG) and layer.startswith("features."):
@@ -129,15 +132,17 @@ def classifier_tail(net: nn.Module, layer: str) -> Callable[[torch.Tensor], torc
             return functools.partial(_vgg_tail, net, int(index))
     raise UserError(
         f"L-CAM-Fm cannot run the rest of {type(net).__name__} after layer {layer!r}: supported "
-        "are EfficientNet-Lite at '_bn1', torchvision ResNet at 'layer4' and torchvision VGG at "
+        "are EfficientNet-Lite at '_swish._bn1' or '_bn1', torchvision ResNet at 'layer4' and torchvision VGG at "
         "'features.N'. Use L-CAM-Img (--variant img), which needs no tail, or add a tail for "
         "this architecture to xbench_plugins.lcam.classifier_tail."
     )
 
 
-def _efficientnet_lite_tail(net: nn.Module, features: torch.Tensor) -> torch.Tensor:
-    # mirrors EfficientNet.extract_features' last line and EfficientNet.forward after it
-    x = net._swish(features)
+def _efficientnet_lite_tail(net: nn.Module, activate: bool, features: torch.Tensor) -> torch.Tensor:
+    # mirrors EfficientNet.extract_features' last line and EfficientNet.forward after it; the
+    # head's own ReLU6 (its call site once the shared _swish is split, see xbench.layers)
+    head_activation = getattr(net._swish, "_bn1", net._swish)
+    x = head_activation(features) if activate else features
     x = net._avg_pooling(x).flatten(1)
     return net._fc(net._dropout(x))
 

@@ -410,7 +410,7 @@ def build_student(arch: str, num_classes: int, pretrained: bool, seed: int | Non
     layers = efficientnet_stage_ends(net, size)
     net = net.to(memory_format=torch.channels_last)
     return Student(arch, net, num_classes, size, int(round(size / 0.875)), (0.5, 0.5, 0.5),
-                   (0.5, 0.5, 0.5), layers, "_bn1", pretrained, channels_last=True)
+                   (0.5, 0.5, 0.5), layers, "_swish._bn1", pretrained, channels_last=True)
 
 
 def student_forward(student: Student, images: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:

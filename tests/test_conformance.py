@@ -29,4 +29,5 @@ def test_builtin_metric_conforms(name):
 @pytest.mark.parametrize("name", ["efficientnet-lite0", "efficientnet-lite1", "efficientnet-lite2"])
 def test_efficientnet_lite_conforms(name):
     loaded = check_model(REGISTRY.model(name))
-    assert loaded.default_layer == "_bn1" and loaded.mean == (0.5, 0.5, 0.5)
+    assert loaded.default_layer == "_swish._bn1"
+    assert loaded.mean == (127 / 255,) * 3 and loaded.std == (128 / 255,) * 3

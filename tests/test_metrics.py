@@ -11,6 +11,7 @@ import contextlib
 import math
 from functools import partial
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -26,6 +27,7 @@ from xbench_plugins.insertion_deletion import (
     InsertionDeletion,
     auc,
     blurred,
+    rise_kernel,
     step_counts,
 )
 
@@ -100,15 +102,31 @@ def striped():
     return make_handle(RedMass(), 8, 2), image, saliency
 
 
-def reference_blur(images: torch.Tensor) -> torch.Tensor:
-    """Kernel 11, sigma 5 Gaussian blur written out: weights exp(-d^2 / 2 sigma^2) for
-    d = -5..5, normalised, applied separably with reflect padding (what PROTOCOL.md means)."""
-    d = torch.arange(-5, 6, dtype=torch.float64)
-    w = torch.exp(-(d ** 2) / (2 * 5.0 ** 2))
-    w = w / w.sum()
-    kernel = (w[:, None] * w[None, :]).to(images.dtype)
+def official_rise_gkern(klen: int = 11, nsig: float = 5.0) -> torch.Tensor:
+    """The official RISE code's ``gkern``, written out as it is there: a unit impulse filtered
+    by scipy's 2-D Gaussian filter; (3, 3, klen, klen) with the kernel on the diagonal."""
+    from scipy.ndimage import gaussian_filter
+
+    impulse = np.zeros((klen, klen))
+    impulse[klen // 2, klen // 2] = 1
+    k = gaussian_filter(impulse, nsig)
+    kern = np.zeros((3, 3, klen, klen), np.float32)
+    for c in range(3):
+        kern[c, c] = k
+    return torch.from_numpy(kern)
+
+
+def reference_blur(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """The official RISE blur in pixel space: ``conv2d(normalised image, gkern(11, 5),
+    padding=5)`` (zero padding of the normalised image), mapped back to pixels."""
+    normalised = (images - mean) / std
+    return F.conv2d(normalised, official_rise_gkern(), padding=5) * std + mean
+
+
+def reference_reflect_blur(images: torch.Tensor) -> torch.Tensor:
+    """The same kernel with reflection padding, written out."""
     padded = F.pad(images, (5, 5, 5, 5), mode="reflect")
-    return F.conv2d(padded, kernel.expand(3, 1, 11, 11).contiguous(), groups=3)
+    return F.conv2d(padded, official_rise_gkern())
 
 
 def explicit_step_image(start: torch.Tensor, finish: torch.Tensor, saliency: torch.Tensor,
@@ -150,7 +168,7 @@ def test_insertion_curve_matches_explicit_blur_and_pixel_mass(striped):
     model, image, saliency = striped
     batch = make_batch(model, image, saliency, targets=torch.tensor([1]))
     insertion = Insertion(step=16).score(batch)["step=16"]
-    blur = reference_blur(image)[0]
+    blur = reference_blur(image, model.mean, model.std)[0]
     expected = []
     for moved in (0, 16, 32, 48, 64):
         red = explicit_step_image(blur, image[0], saliency[0], moved)[0]
@@ -162,9 +180,41 @@ def test_insertion_curve_matches_explicit_blur_and_pixel_mass(striped):
     assert insertion.item() == pytest.approx(hand_auc, abs=1e-6)
 
 
-def test_blur_is_kernel_11_sigma_5_reflect():
+def test_blur_is_the_official_rise_blur_with_its_zero_padding():
     images = torch.rand(2, 3, 12, 12, generator=torch.Generator().manual_seed(2))
-    torch.testing.assert_close(blurred(images), reference_blur(images), atol=1e-6, rtol=0)
+    mean = torch.tensor(MEAN).view(1, 3, 1, 1)
+    std = torch.tensor((0.2, 0.3, 0.4)).view(1, 3, 1, 1)
+    torch.testing.assert_close(blurred(images, mean), reference_blur(images, mean, std),
+                               atol=1e-6, rtol=0)
+    torch.testing.assert_close(blurred(images, mean, "reflect"), reference_reflect_blur(images),
+                               atol=1e-6, rtol=0)
+    # a constant image of the mean colour stays itself with mean padding (no dark border) ...
+    flat = mean.expand(1, 3, 12, 12)
+    torch.testing.assert_close(blurred(flat, mean), flat, atol=1e-6, rtol=0)
+    # ... and so does any constant image with reflection, while mean padding pulls the border
+    white = torch.ones(1, 3, 12, 12)
+    torch.testing.assert_close(blurred(white, mean, "reflect"), white, atol=1e-6, rtol=0)
+    assert (blurred(white, mean)[0, 0, 0, 0] < 1 - 0.1).item()
+
+
+def test_rise_kernel_sums_to_one_and_is_flatter_than_a_truncated_gaussian():
+    kernel = rise_kernel()
+    assert kernel.shape == (11, 11) and kernel.sum().item() == pytest.approx(1.0, abs=1e-6)
+    d = torch.arange(-5, 6, dtype=torch.float64)
+    w = torch.exp(-(d ** 2) / 50)
+    truncated = torch.outer(w, w) / torch.outer(w, w).sum()
+    assert kernel.max().item() < truncated.max().item() - 1e-3  # 0.0088 against 0.0120
+
+
+def test_blur_padding_is_an_option_recorded_in_the_variant(tiny):
+    model, images, saliency = tiny
+    batch = make_batch(model, images, saliency)
+    default = Insertion(step=10).score(batch)
+    reflect = Insertion(step=10, blur_padding="reflect").score(batch)
+    assert set(default) == {"step=10"} and set(reflect) == {"step=10,blur_padding=reflect"}
+    assert not torch.equal(default["step=10"], reflect["step=10,blur_padding=reflect"])
+    with pytest.raises(ValueError, match="blur_padding must be one of mean, reflect"):
+        Insertion(blur_padding="zeros")
 
 
 @pytest.fixture
@@ -185,7 +235,7 @@ def test_curve_points_are_probabilities_of_explicit_step_images(tiny):
     deletion = batch.curves[("deletion", "step=10")]
     insertion = batch.curves[("insertion", "step=10")]
     assert deletion.shape == insertion.shape == (3, 16)
-    blur = blurred(images)  # equal to the written-out blur: test_blur_is_kernel_11_sigma_5_reflect
+    blur = blurred(images, model.mean)  # the official blur: test_blur_is_the_official_rise_blur_...
     grey = torch.tensor(MEAN).view(3, 1, 1).expand(3, 12, 12)
     for i in range(3):
         c = batch.targets[i]
@@ -547,7 +597,7 @@ def test_insertion_deletion_agree_with_torchcam(tiny):
     peer.update(images, class_idx=targets)
     assert peer.summary()["deletion_auc"] == pytest.approx(deletion.mean().item(), abs=1e-6)
     peer = metrics.DeletionInsertionMetric(FixedMaps(model, saliency), softmax, steps=12,
-                                           baseline=blurred)
+                                           baseline=partial(blurred, mean=model.mean))
     peer.update(images, class_idx=targets)
     assert peer.summary()["insertion_auc"] == pytest.approx(insertion.mean().item(), abs=1e-6)
 

@@ -11,6 +11,7 @@ from torch import nn
 from xbench.base import LoadedModel
 from xbench.engine import InferenceEngine, build_engine
 from xbench.errors import UserError, did_you_mean
+from xbench.layers import LayerCensus, split_shared_modules, take_census
 
 
 class ClassifierHandle(nn.Module):
@@ -34,6 +35,9 @@ class ClassifierHandle(nn.Module):
         self.channels_last = channels_last
         if channels_last:
             self.net.to(memory_format=torch.channels_last)
+        #: {shared module: its call sites}, split so that every call site is hookable once
+        self.call_sites = split_shared_modules(self.net, loaded.input_size, self.device)
+        self.census: LayerCensus = take_census(self.net, loaded.input_size, self.device)
         self.forward_count = 0
         self.backward_count = 0
         self._engine: InferenceEngine | None = None  # set by :meth:`use_engine`
@@ -117,17 +121,40 @@ class ClassifierHandle(nn.Module):
             return torch.cat([self.predict(chunk).softmax(dim=1)
                               for chunk in images.split(batch_size)])
 
+    def cam_layers(self) -> list[str]:
+        """Layers a CAM can be computed on, in forward order: a (B, K, h, w) output, called
+        exactly once per forward (see :mod:`xbench.layers`)."""
+        return self.census.cam_layers()
+
+    def layer_kind(self, name: str | None) -> str:
+        """'post-activation' or 'pre-activation': whether the layer's output is an activation's."""
+        return self.census.layers[name or self.default_layer].kind
+
     def layer(self, name: str | None) -> nn.Module:
-        """The submodule called ``name`` (default layer when None), with a helpful error."""
+        """The submodule called ``name`` (default layer when None), refused with a clear error
+        when it does not exist, runs more than once per forward (a hook would see several
+        tensors) or has no spatial map (nothing for a CAM to weight)."""
         name = name or self.default_layer
         modules = dict(self.net.named_modules())
+        usable = self.cam_layers()
+        hint = (f"Layers a CAM can use (forward order): {_abridged(usable)}; the default is "
+                f"{self.default_layer!r}.")
         if name not in modules or name == "":
-            choices = [n for n in modules if n]
+            raise UserError(f"model {self.name or 'model'!r} has no layer {name!r}."
+                            f"{did_you_mean(name, usable or list(modules))} {hint}")
+        info = self.census.layers.get(name)
+        if info is None:
+            raise UserError(f"layer {name!r} of model {self.name or 'model'!r} does not run in "
+                            f"a forward pass, so there is nothing to explain there. {hint}")
+        if info.calls != 1:
             raise UserError(
-                f"model has no layer {name!r}.{did_you_mean(name, choices)} "
-                f"Layers are module names as in model.named_modules(), e.g. "
-                f"{', '.join(choices[-3:])}; the default is {self.default_layer!r}."
-            )
+                f"layer {name!r} of model {self.name or 'model'!r} runs {info.calls} times per "
+                f"forward (one module object called from several places), so a hook on it sees "
+                f"{info.calls} different tensors. {hint}")
+        if not info.spatial:
+            raise UserError(
+                f"layer {name!r} of model {self.name or 'model'!r} has no spatial map (its output "
+                f"has shape {info.shape}); a CAM needs a (B, K, h, w) activation. {hint}")
         return modules[name]
 
     @contextlib.contextmanager
@@ -146,8 +173,8 @@ class ClassifierHandle(nn.Module):
 def capture_activations(module: nn.Module, keep_grad: bool = True) -> Iterator[dict[str, torch.Tensor]]:
     """Record the output of ``module`` (and its gradient when ``keep_grad``) during a block.
 
-    Removes its hook on exit, whatever happens. Holds the *last* call's output: for a module
-    called several times per forward (EfficientNet-Lite's shared ``_swish``) pick another layer.
+    Removes its hook on exit, whatever happens. Resolve ``module`` with
+    :meth:`ClassifierHandle.layer`, which refuses modules that run more than once per forward.
     """
     store: dict[str, torch.Tensor] = {}
 
@@ -164,54 +191,42 @@ def capture_activations(module: nn.Module, keep_grad: bool = True) -> Iterator[d
 
 
 def block_layers(handle: ClassifierHandle) -> list[str]:
-    """Every block output a CAM can be computed on, in forward order (``--layers all``).
+    """The layers ``--layers all`` sweeps: one post-activation point per block, in forward order.
 
-    The model's own list when it declares one; otherwise found by one probe forward: modules
-    that are elements of a sequence container (Sequential/ModuleList, i.e. blocks) and not
-    inside another such block, return a
-    (B, K, h, w) map and run once per forward, plus the default layer. When a block returns
-    the very tensor of its last child (a container and its last block, or an in-place ReLU
-    and its conv), the outermost name is kept.
+    The model's own list when it declares one. Otherwise: the blocks are the elements of
+    sequence containers (Sequential/ModuleList) not nested in another block; for each block,
+    its output when that is post-activation (a ResNet block ends in its ReLU), else the last
+    activation call site inside it (an MBConv block's output is a linear bottleneck, so its
+    depthwise activation is taken), else, for a block without any activation, its output,
+    whose kind is then recorded as pre-activation. Activation call sites outside every block
+    (the stem's and the head's) and the default layer are included. Only layers a CAM can use
+    (:meth:`ClassifierHandle.cam_layers`).
     """
     if handle.loaded.block_layers:
         return list(handle.loaded.block_layers)
+    census = handle.census
+    usable = set(handle.cam_layers())
     containers = (nn.Sequential, nn.ModuleList)
-    in_sequence = {f"{parent}.{child}" if parent else child
-                   for parent, module in handle.net.named_modules()
-                   if isinstance(module, containers) for child, _ in module.named_children()}
+    blocks = {f"{parent}.{child}" if parent else child
+              for parent, module in handle.net.named_modules()
+              if isinstance(module, containers) for child, _ in module.named_children()}
     # blocks nested inside another block (a ResNet block's downsample) are not block outputs
-    in_sequence = {name for name in in_sequence
-                   if not any(name.startswith(other + ".") for other in in_sequence)}
-    in_sequence.add(handle.default_layer)
-    calls: list[tuple[str, torch.Tensor]] = []
-    counts: dict[str, int] = {}
-    hooks = []
-    for name, module in handle.net.named_modules():
-        if name in in_sequence:
-            def hook(_m, _i, output, name=name):
-                counts[name] = counts.get(name, 0) + 1
-                if isinstance(output, torch.Tensor) and output.dim() == 4:
-                    calls.append((name, output))
-            hooks.append(module.register_forward_hook(hook))
-    try:
-        with torch.inference_mode():
-            size = handle.input_size
-            handle.net(torch.zeros(1, 3, size, size, device=handle.device))
-    finally:
-        for h in hooks:
-            h.remove()
-    order: list[str] = []
-    last_ptr: dict[int, int] = {}
-    for name, output in calls:
-        if counts[name] != 1:
-            continue  # a module reused within one forward has no single output to explain
-        pointer = output.data_ptr()
-        if pointer in last_ptr:  # same tensor as an inner block: keep the outer name
-            order[last_ptr[pointer]] = name
+    blocks = {name for name in blocks
+              if not any(name.startswith(other + ".") for other in blocks)}
+    chosen: set[str] = {handle.default_layer}
+    for block in blocks & usable:
+        if census.layers[block].post_activation:
+            chosen.add(block)
             continue
-        last_ptr[pointer] = len(order)
-        order.append(name)
-    return order
+        inside = [name for name in usable if name.startswith(block + ".")
+                  and census.layers[name].is_activation]
+        chosen.add(max(inside, key=lambda name: census.layers[name].order) if inside else block)
+    chosen.update(name for name in usable if census.layers[name].is_activation
+                  and not any(name == b or name.startswith(b + ".") for b in blocks))
+    outermost: dict[int, str] = {}  # a block and its last module share one output tensor
+    for name in sorted(chosen & usable, key=lambda name: census.layers[name].order):
+        outermost[census.layers[name].tensor] = name
+    return sorted(outermost.values(), key=lambda name: census.layers[name].order)
 
 
 def masked_batch_size(device: torch.device) -> int:
@@ -220,3 +235,11 @@ def masked_batch_size(device: torch.device) -> int:
     image (EfficientNet-Lite0 on 2 cores: 81 images in 0.65 s at 16, 1.39 s at 64, see
     benchmarks/bench_explainers.py), 64 on accelerators."""
     return 16 if torch.device(device).type == "cpu" else 64
+
+
+def _abridged(names: list[str], keep: int = 8) -> str:
+    """The first and last few of a long list of layer names."""
+    if len(names) <= keep:
+        return ", ".join(names)
+    half = keep // 2
+    return f"{', '.join(names[:half])}, ... ({len(names) - keep} more), {', '.join(names[-half:])}"

@@ -17,7 +17,7 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
         "insertion": {"step": 3136},
         "deletion": {"step": 3136},
         "insertion-deletion": {"step": 3136},
-        # Score-CAM at _bn1 (K = 1280) costs 1281 forwards per image (~18 s here); the named
+        # Score-CAM at the default layer _swish._bn1 (K = 1280) costs 1281 forwards per image (~18 s here); the named
         # approximation scores only the 128 most active channels: 129 forwards (~1.8 s).
         "scorecam": {"max_channels": 128},
         # RISE: 500 masks instead of 4000 (~7 s per image instead of ~56 s); s and p1 as in

@@ -228,7 +228,8 @@ class Runner:
                                       for name in names})
         return config
 
-    def _header(self, handle: ClassifierHandle, units_total: int) -> RunHeader:
+    def _header(self, handle: ClassifierHandle, units_total: int,
+                layers: list[str] | None = None) -> RunHeader:
         loaded = handle.loaded
         return RunHeader(
             schema_version=SCHEMA_VERSION, run_name=self.run_name, xbench_version=__version__,
@@ -236,7 +237,11 @@ class Runner:
             model={"name": self.config.model, "weights": loaded.weights,
                    "input_size": loaded.input_size, "resize_size": loaded.resize_size,
                    "mean": list(loaded.mean), "std": list(loaded.std),
-                   "default_layer": loaded.default_layer},
+                   "default_layer": loaded.default_layer,
+                   # whether each target layer's output is an activation's (docs/protocol.md)
+                   "layer_kinds": {layer: handle.layer_kind(layer)
+                                   for layer in (layers or [loaded.default_layer])},
+                   "split_call_sites": handle.call_sites},
             dataset={"name": self.dataset.name, "layout": self.dataset.layout,
                      "root": self.dataset.root, "images": len(self.dataset.items),
                      "subset_hash": self.dataset.subset_hash, "limit": self.config.limit,
@@ -272,7 +277,7 @@ class Runner:
         metrics = self._metrics()
         batches = self.batches()
         units_total = len(batches) * (1 + len(explainers))
-        header = dataclasses.replace(self._header(handle, units_total), world_size=world)
+        header = dataclasses.replace(self._header(handle, units_total, layers), world_size=world)
         engine = self._start_engine(handle)
         header = dataclasses.replace(header, environment={**header.environment, "engine": engine})
         if resume and self.folder.exists():
