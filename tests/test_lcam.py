@@ -96,11 +96,12 @@ def _check_all_ones_reproduces(net: nn.Module, loaded: LoadedModel, layer: str, 
     assert torch.equal(got, expected)
 
 
-def test_all_ones_mask_reproduces_efficientnet_lite0():
+@pytest.mark.parametrize("layer", ["_swish._bn1", "_bn1"])
+def test_all_ones_mask_reproduces_efficientnet_lite0(layer):
     from xbench_plugins.efficientnet_lite import EfficientNetLite0
 
     loaded = EfficientNetLite0().load()
-    _check_all_ones_reproduces(loaded.module, loaded, "_bn1", "efficientnet-lite0")
+    _check_all_ones_reproduces(loaded.module, loaded, layer, "efficientnet-lite0")
 
 
 @pytest.mark.parametrize("arch,layer", [("resnet18", "layer4"), ("vgg11", "features.19")])
@@ -319,7 +320,7 @@ def test_train_command_checkpoints_resumes_and_ships(tmp_path):
     assert main(common + ["--epochs", "1"]) == 0
     _, info, training = lcam.load_checkpoint(out)
     assert (info.epochs_done, training["epoch"], info.seed) == (1, 1, 3)
-    assert info.model == "efficientnet-lite0" and info.layer == "_bn1" and info.num_classes == 1000
+    assert info.model == "efficientnet-lite0" and info.layer == "_swish._bn1" and info.num_classes == 1000
     assert main(common + ["--epochs", "2", "--resume", "--ship", str(ship)]) == 0
     _, info, training = lcam.load_checkpoint(out)
     assert training["epoch"] == 2 and "--resume" in info.command

@@ -65,7 +65,7 @@ def test_run_writes_header_rows_and_leaderboard(tmp_path, images, toy_registry):
     fw = [r.value for r in rows if r.metric == "forward-passes"]
     bw = [r.value for r in rows if r.metric == "backward-passes"]
     assert fw == [1.0] * 5 and bw == [1.0] * 5  # PROTOCOL.md: Grad-CAM costs 1 F + 1 B
-    assert {r.protocol for r in rows} == {"1"} and {r.dtype for r in rows} == {"fp32"}
+    assert {r.protocol for r in rows} == {xbench.PROTOCOL_VERSION} == {"2"} and {r.dtype for r in rows} == {"fp32"}
     assert all(r.dataset_hash == header.dataset["subset_hash"] for r in rows)
     import numpy as np
 
@@ -216,7 +216,7 @@ def test_bad_options_and_names_are_clear(tmp_path, images, toy_registry):
     with pytest.raises(UserError, match="average-drop.*masking must be one of"):
         Runner(_config(images, options=("average-drop.masking='soft'",)), toy_registry,
                tmp_path).run()
-    with pytest.raises(UserError, match="model has no layer 'hed'.*Did you mean 'head'"):
+    with pytest.raises(UserError, match="model 'toy-cnn' has no layer 'hed'.*Did you mean 'head'"):
         Runner(_config(images, layers="hed"), toy_registry, tmp_path).run()
 
 

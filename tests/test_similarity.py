@@ -196,7 +196,7 @@ def test_layers_default_to_conv_relus_and_shared_modules_are_refused():
 
     loaded = LoadedModel(module=Shared(), input_size=8, mean=(0,) * 3, std=(1,) * 3,
                          class_names=("a", "b"), default_layer="conv")
-    with pytest.raises(UserError, match="called 2 times"):
+    with pytest.raises(UserError, match="runs 2 times per forward"):
         sim.probe_layers(ClassifierHandle(loaded), ["act"])
     with pytest.raises(UserError, match="no layer"):
         sim.probe_layers(model, ["features.relu9"])
@@ -209,10 +209,13 @@ def test_default_layers_skip_batchnorm_and_avoid_shared_relus():
                          class_names=tuple(str(i) for i in range(1000)), default_layer="layer4")
     model = ClassifierHandle(loaded)
     layers = sim.default_layers(model)
-    # stem: conv1 -> bn1 -> relu (called once); blocks: conv -> bn -> the block's relu, which is
-    # called twice per block, so the bn output is taken; 1 + 8 blocks x 2 convs + 3 downsamples
-    assert layers[:4] == ["relu", "layer1.0.bn1", "layer1.0.bn2", "layer1.1.bn1"]
-    assert "layer2.0.downsample.1" in layers and len(layers) == 20
+    # stem: conv1 -> bn1 -> relu; blocks: conv -> bn -> the call site of the block's relu (the
+    # shared relu is split per call site when the model loads); where a downsampling block's
+    # bn2 is followed by the downsample conv, bn2 itself; the downsample conv -> bn -> the
+    # block's last relu call site; 1 + 8 blocks x 2 convs + 3 downsamples
+    assert layers[:4] == ["relu", "layer1.0.relu.bn1", "layer1.0.relu.bn2", "layer1.1.relu.bn1"]
+    assert ["layer2.0.bn2", "layer2.0.relu.bn2"] == [n for n in layers if n.startswith("layer2.0.")][1:]
+    assert len(layers) == 20
     assert len(sim.probe_layers(model, layers)) == 20
 
 
@@ -222,10 +225,12 @@ def test_default_layers_on_efficientnet_lite_with_its_shared_relu6():
     loaded = LoadedModel(module=net, input_size=64, mean=(0.5,) * 3, std=(0.5,) * 3,
                          class_names=tuple(str(i) for i in range(1000)), default_layer="_bn1")
     layers = sim.default_layers(ClassifierHandle(loaded))
-    # its convs carry a padding child module (so they are not leaves); each block calls one
-    # _swish several times, except block 0 (no expansion, no SE), so BN outputs are taken
-    assert layers[:4] == ["_bn0", "_blocks.0._swish", "_blocks.0._bn2", "_blocks.1._bn0"]
-    assert layers[-1] == "_bn1" and len(layers) == 49
+    # its convs carry a padding child module (so they are not leaves); the _swish each block
+    # calls twice is split per call site, so every expansion and depthwise conv gets its ReLU6;
+    # the projection convs have none (linear bottleneck): their BN outputs are taken
+    assert layers[:5] == ["_swish._bn0", "_blocks.0._swish", "_blocks.0._bn2",
+                          "_blocks.1._swish._bn0", "_blocks.1._swish._bn1"]
+    assert layers[-1] == "_swish._bn1" and len(layers) == 49
 
 
 # ---- similarity values ----------------------------------------------------------------------
@@ -477,9 +482,9 @@ def test_similarity_value_runs_once_per_image_and_only_when_asked(tmp_path):
     (run,) = [p for p in out.iterdir() if p.is_dir()]
     rows = [r for r in RunFolder(run).rows() if r.metric == "similarity-value"]
     assert len(rows) == 2 and all(r.explainer == "" and r.status == "ok" for r in rows)
-    assert {r.variant for r in rows} == {"method=1,layer=_bn1,neurons=4"}
+    assert {r.variant for r in rows} == {"method=1,layer=_swish._bn1,neurons=4"}
     text = (out / "LEADERBOARD.md").read_text()
-    assert "Model-scope metrics" in text and "similarity-value@method=1,layer=_bn1,neurons=4" in text
+    assert "Model-scope metrics" in text and "similarity-value@method=1,layer=_swish._bn1,neurons=4" in text
     from xbench.plugins import build_registry
     from xbench.runner import RunConfig, Runner
 

@@ -163,8 +163,8 @@ class LayerInfo:
 
     @property
     def spatial(self) -> bool:
-        """A (B, K, h, w) output with h * w > 1: a map a CAM can weight."""
-        return self.shape is not None and len(self.shape) == 4 and self.shape[2] * self.shape[3] > 1
+        """A (B, K, h, w) output: a map a CAM can weight (a constant one when h = w = 1)."""
+        return self.shape is not None and len(self.shape) == 4
 
     @property
     def kind(self) -> str:
@@ -178,9 +178,11 @@ class LayerCensus:
     layers: dict[str, LayerInfo] = field(default_factory=dict)
 
     def cam_layers(self) -> list[str]:
-        """Layers a CAM can use, in forward order: a (B, K, h, w) output, exactly one call."""
+        """Layers worth a CAM, in forward order: a (B, K, h, w) output with h * w > 1 (a 1 x 1
+        map is accepted by name but can only give a constant map), exactly one call."""
         usable = [info for info in self.layers.values()
-                  if info.spatial and info.calls == 1 and not info.passthrough]
+                  if info.spatial and info.shape[2] * info.shape[3] > 1 and info.calls == 1
+                  and not info.passthrough]
         return [info.name for info in sorted(usable, key=lambda info: info.order)]
 
 
