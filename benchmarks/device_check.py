@@ -331,7 +331,7 @@ def summary_lines(throughput: dict, rows: list[dict] | None, check: str) -> list
     comparison's outcome."""
     per_batch = {int(k): v for k, v in throughput["per_batch"].items()}
     batch, fps = best_batch(per_batch)
-    cells = [throughput["engine"], throughput["dtype"], str(batch), f"{fps:,.0f}"]
+    cells = [throughput["engine"], throughput["dtype"], str(batch), f"{fps:.4g}"]
     for explainer in ("scorecam", "rise"):
         cost = explainer_costs(rows or [], explainer)
         if cost is None:
@@ -395,6 +395,7 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("throughput")
     p.add_argument("--device", required=True)
     p.add_argument("--engine", required=True)
+    p.add_argument("--model", default="efficientnet-lite0")
     p.add_argument("--dtype", choices=sorted(TOLERANCES), required=True)
     p.add_argument("--batches", required=True, help="comma-separated batch sizes")
     p.add_argument("--out", type=Path, required=True)
@@ -431,12 +432,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "throughput":
         batches = [int(b) for b in args.batches.split(",") if b.strip()]
         per_batch = measure_throughput(torch.device(args.device), args.engine, args.dtype,
-                                       batches)
+                                       batches, model=args.model)
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps({"engine": args.engine, "dtype": args.dtype,
                                         "device": args.device, "per_batch": per_batch}))
         print(f"throughput {args.engine} {args.dtype}: " + ", ".join(
-            f"batch {b}: {v:,.0f}/s" for b, v in per_batch.items()))
+            f"batch {b}: {v:,.4g}/s" for b, v in per_batch.items()))
         return 0
     checks = dict(line.split(maxsplit=1) for line in args.checks.read_text().splitlines()
                   if line.strip()) if args.checks else {}

@@ -13,7 +13,8 @@
 # downloaded, and torch==2.14.1/torchvision==0.29.1 and xbench's dependencies must already be
 # installed. The model and images are the embedded ones (--data sample).
 #
-# Settings (environment): DEVICE_CHECK_DEVICE (cuda), DEVICE_CHECK_ENGINES (eager compiled;
+# Settings (environment): DEVICE_CHECK_DEVICE (cuda), DEVICE_CHECK_MODEL (efficientnet-lite0;
+# digits-vgg in the CPU dry run), DEVICE_CHECK_ENGINES (eager compiled;
 # onnxruntime runs on CPU only, xbench/engine.py), DEVICE_CHECK_DTYPES (fp32 bf16 fp16),
 # DEVICE_CHECK_WORK (logs, runs, summary.md; default $OUT/device_check, else /tmp/...).
 # Exit status: 0 when every check passed, 1 otherwise (the failed steps are listed last).
@@ -27,19 +28,25 @@ rm -rf "$WORK" && mkdir -p "$WORK/logs" "$WORK/runs" "$WORK/throughput" || exit 
 : >"$WORK/checks.txt"
 
 if [[ $DEVICE == cpu ]]; then
-    # dry run: the same steps, small enough for a laptop (tests/test_device_check.py runs it)
-    DTYPES=${DEVICE_CHECK_DTYPES:-fp32 bf16}
+    # dry run: the same steps, small enough for a loaded 2-core CPU (tests/test_device_check.py
+    # runs it): the shipped 32-px digits model, fp32 (CPU autocast is emulated and slow), eager
+    MODEL=${DEVICE_CHECK_MODEL:-digits-vgg}
+    DTYPES=${DEVICE_CHECK_DTYPES:-fp32}
     ENGINES=${DEVICE_CHECK_ENGINES:-eager}
-    LIMIT=(--limit 2)
-    OPTIONS=(-o scorecam.max_channels=8 -o rise.n_masks=16 -o insertion.step=12544
-             -o deletion.step=12544)
-    EAGER_BATCHES=1,2
-    COMPILED_BATCHES=2
+    LIMIT=(--limit 1)
+    SCORECAM=(-o scorecam.max_channels=8)
+    OPTIONS=("${SCORECAM[@]}" -o rise.n_masks=16 -o insertion.step=256 -o deletion.step=256)
+    EAGER_BATCHES=1,16
+    COMPILED_BATCHES=16
+    TORCHRUN_LIMIT=2
 else
+    MODEL=${DEVICE_CHECK_MODEL:-efficientnet-lite0}
     DTYPES=${DEVICE_CHECK_DTYPES:-fp32 bf16 fp16}
     ENGINES=${DEVICE_CHECK_ENGINES:-eager compiled}
     LIMIT=()  # the 6 embedded images
+    SCORECAM=()
     OPTIONS=()  # the quick profile's Score-CAM channels and RISE masks
+    TORCHRUN_LIMIT=4
     EAGER_BATCHES=16,32,64,128,256
     # one batch, the one Score-CAM/RISE use on GPU (masked_batch_size): each is a compile
     COMPILED_BATCHES=64
@@ -102,7 +109,7 @@ check timing "${CHECK[@]}" timing --device "$DEVICE"
 grep '^timing' "$WORK/logs/timing.log" | sed 's/^/     /'
 
 # -- scores on the device against a CPU fp32 reference ---------------------------------------
-RUN=(run --data sample "${LIMIT[@]+"${LIMIT[@]}"}" --explainers gradcam,scorecam,rise
+RUN=(run --model "$MODEL" --data sample "${LIMIT[@]+"${LIMIT[@]}"}" --explainers gradcam,scorecam,rise
      --metrics average-drop,insertion,deletion,forward-passes,backward-passes,time
      --no-leaderboard --no-maps --overwrite --out "$WORK/runs"
      "${OPTIONS[@]+"${OPTIONS[@]}"}")
@@ -116,7 +123,8 @@ for dtype in $DTYPES; do
         name=$engine-$dtype
         batches=$EAGER_BATCHES; [[ $engine == compiled ]] && batches=$COMPILED_BATCHES
         step "throughput-$name" env "${tf32[@]+"${tf32[@]}"}" "${CHECK[@]}" throughput \
-            --device "$DEVICE" --engine "$engine" --dtype "$dtype" --batches "$batches" \
+            --model "$MODEL" --device "$DEVICE" --engine "$engine" --dtype "$dtype" \
+            --batches "$batches" \
             --out "$WORK/throughput/$name.json" &&
             THROUGHPUT+=("$WORK/throughput/$name.json") &&
             grep '^throughput' "$WORK/logs/throughput-$name.log" | sed 's/^/     /'
@@ -141,10 +149,10 @@ if sys.argv[1].startswith("cuda"):
 else:
     print("torchrun: 2 ranks on CPU: gloo")
 EOF
-SHARDED=(run --data sample --limit 4 --explainers gradcam,scorecam
+SHARDED=(run --model "$MODEL" --data sample --limit "$TORCHRUN_LIMIT" --explainers gradcam,scorecam
          --metrics average-drop,deletion,forward-passes --batch-size 1 --no-leaderboard
          --no-maps --overwrite --out "$WORK/runs" --device "$DEVICE" --engine eager
-         "${OPTIONS[@]+"${OPTIONS[@]}"}")
+         "${SCORECAM[@]+"${SCORECAM[@]}"}")
 # torchrun gives each worker one thread; the single process gets the same for its reductions
 export OMP_NUM_THREADS=1
 step single-process "$PY" -m xbench "${SHARDED[@]}" --name single-process &&
@@ -158,7 +166,7 @@ if ((${#THROUGHPUT[@]})); then
     device_name=$("$PY" -c "import sys, torch; d = torch.device(sys.argv[1]);
 print(torch.cuda.get_device_name(d) if d.type == 'cuda' else 'CPU')" "$DEVICE")
     step summary "${CHECK[@]}" summary --runs "$WORK/runs" --checks "$WORK/checks.txt" \
-        --title "EfficientNet-Lite0 on $device_name (forwards/s at the best batch; s/img and \
+        --title "$MODEL on $device_name (forwards/s at the best batch; s/img and \
 x the forward-pass bound from the embedded-sample runs; scores vs CPU fp32)" \
         "${THROUGHPUT[@]}" && cp "$WORK/logs/summary.log" "$WORK/summary.md" &&
         { echo; cat "$WORK/summary.md"; echo; }

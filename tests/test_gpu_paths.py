@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import sys
 from pathlib import Path
 
 import pytest
@@ -26,6 +27,7 @@ def _device_check():
     path = Path(__file__).resolve().parents[1] / "benchmarks" / "device_check.py"
     spec = importlib.util.spec_from_file_location("device_check", path)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 
