@@ -28,8 +28,6 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 #: run folder names the script uses: <engine>-<dtype>; the CPU reference is REFERENCE
 REFERENCE = "cpu-reference"
 COST_METRICS = ("forward-passes", "backward-passes")
@@ -205,9 +203,11 @@ def stopwatch_problems(stopwatch: Callable[[], contextlib.AbstractContextManager
     return problems, values
 
 
-def cuda_sleep_launcher(device: torch.device, seconds: float = 0.05) -> Callable[[], None]:
+def cuda_sleep_launcher(device, seconds: float = 0.05) -> Callable[[], None]:
     """A launcher of one GPU kernel that spins about ``seconds`` (torch.cuda._sleep, whose
     cycle count is calibrated here on the device)."""
+    import torch
+
     cycles = 10_000_000
     torch.cuda._sleep(cycles)
     torch.cuda.synchronize(device)
@@ -239,7 +239,9 @@ def thread_launcher(seconds: float = 0.05) -> tuple[Callable[[], None], Callable
     return launch, synchronize
 
 
-def timing_check(device: torch.device) -> list[str]:
+def timing_check(device) -> list[str]:
+    import torch
+
     from xbench.timing import Stopwatch
 
     if device.type == "cuda":
@@ -281,10 +283,12 @@ def forward_bound_ratio(seconds_per_image: float, forwards_per_image: float,
     return seconds_per_image / (forwards_per_image / throughput)
 
 
-def measure_throughput(device: torch.device, engine: str, dtype: str, batches: Iterable[int],
+def measure_throughput(device, engine: str, dtype: str, batches: Iterable[int],
                        model: str = "efficientnet-lite0", repeats: int = 5) -> dict[int, float]:
     """{batch size: forwards per second} of ``model`` through ``engine`` as ``xbench run`` sets
     it up (channels-last, autocast for bf16/fp16), timed by the Stopwatch; best of ``repeats``."""
+    import torch
+
     from xbench.model import ClassifierHandle
     from xbench.plugins import build_registry
     from xbench.runner import DTYPES
@@ -406,7 +410,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("throughput", type=Path, nargs="+")
     args = parser.parse_args(argv)
 
+    if args.command in ("env", "timing", "throughput"):
+        import torch  # only here: the comparisons and the table start in a fraction of a second
     if args.command == "env":
+        from xbench.distributed import backend_and_gpu
+
         device = torch.device(args.device)
         print(f"torch {torch.__version__}, CUDA {torch.version.cuda or '-'}, "
               f"cuDNN {torch.backends.cudnn.version() if torch.cuda.is_available() else '-'}, "
@@ -419,6 +427,10 @@ def main(argv: list[str] | None = None) -> int:
                 return 1
             print(f"device: {torch.cuda.get_device_name(device)}, TF32 convolutions allowed "
                   f"by default: {torch.backends.cudnn.allow_tf32}")
+            backend = backend_and_gpu(1, 2, torch.cuda.device_count())[0]
+            print(f"torchrun: 2 ranks on {torch.cuda.device_count()} GPU(s) join with {backend}")
+        else:
+            print("torchrun: 2 ranks on CPU join with gloo")
         return 0
     if args.command == "compare":
         problems = compare_rows(load_rows(args.reference), load_rows(args.run), args.dtype)
@@ -434,21 +446,25 @@ def main(argv: list[str] | None = None) -> int:
         per_batch = measure_throughput(torch.device(args.device), args.engine, args.dtype,
                                        batches, model=args.model)
         args.out.parent.mkdir(parents=True, exist_ok=True)
+        device = torch.device(args.device)
+        name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
         args.out.write_text(json.dumps({"engine": args.engine, "dtype": args.dtype,
-                                        "device": args.device, "per_batch": per_batch}))
+                                        "model": args.model, "device": name,
+                                        "per_batch": per_batch}))
         print(f"throughput {args.engine} {args.dtype}: " + ", ".join(
             f"batch {b}: {v:,.4g}/s" for b, v in per_batch.items()))
         return 0
     checks = dict(line.split(maxsplit=1) for line in args.checks.read_text().splitlines()
                   if line.strip()) if args.checks else {}
-    lines = []
+    lines, titles = [], set()
     for path in args.throughput:
         throughput = json.loads(path.read_text())
+        titles.add(f"{throughput['model']} on {throughput['device']}")
         name = f"{throughput['engine']}-{throughput['dtype']}"
         folder = args.runs / name
         rows = load_rows(folder) if (folder / "rows.jsonl").is_file() else None
         lines.append(summary_lines(throughput, rows, checks.get(name, "not run")))
-    print(format_table(lines, args.title))
+    print(format_table(lines, f"{', '.join(sorted(titles))}: {args.title}"))
     return 0
 
 

@@ -140,15 +140,6 @@ for dtype in $DTYPES; do
 done
 
 # -- 2 processes by torchrun on one device against the single-process rows -------------------
-"$PY" - "$DEVICE" <<'EOF' | tee "$WORK/logs/backend.log"
-import sys, torch
-from xbench.distributed import backend_and_gpu
-if sys.argv[1].startswith("cuda"):
-    backend, _ = backend_and_gpu(1, 2, torch.cuda.device_count())
-    print(f"torchrun: 2 ranks on {torch.cuda.device_count()} GPU(s): {backend}")
-else:
-    print("torchrun: 2 ranks on CPU: gloo")
-EOF
 SHARDED=(run --model "$MODEL" --data sample --limit "$TORCHRUN_LIMIT" --explainers gradcam,scorecam
          --metrics average-drop,deletion,forward-passes --batch-size 1 --no-leaderboard
          --no-maps --overwrite --out "$WORK/runs" --device "$DEVICE" --engine eager
@@ -163,10 +154,8 @@ unset OMP_NUM_THREADS
 
 # -- the table -------------------------------------------------------------------------------
 if ((${#THROUGHPUT[@]})); then
-    device_name=$("$PY" -c "import sys, torch; d = torch.device(sys.argv[1]);
-print(torch.cuda.get_device_name(d) if d.type == 'cuda' else 'CPU')" "$DEVICE")
     step summary "${CHECK[@]}" summary --runs "$WORK/runs" --checks "$WORK/checks.txt" \
-        --title "$MODEL on $device_name (forwards/s at the best batch; s/img and \
+        --title "(forwards/s at the best batch; s/img and \
 x the forward-pass bound from the embedded-sample runs; scores vs CPU fp32)" \
         "${THROUGHPUT[@]}" && cp "$WORK/logs/summary.log" "$WORK/summary.md" &&
         { echo; cat "$WORK/summary.md"; echo; }
