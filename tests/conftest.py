@@ -20,6 +20,18 @@ SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 VAL_DIR = SHARED_DATA / "ilsvrc2012_val_1000"
 
 
+def pytest_collection_modifyitems(config, items) -> None:
+    """Tests marked ``gpu`` skip, saying why, where torch sees no CUDA device."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device (run benchmarks/device_check.sh on one)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
 @pytest.fixture
 def shared_val() -> Path:
     if not VAL_DIR.is_dir():

@@ -32,13 +32,29 @@ def initialise(device: str) -> tuple[int, int, str]:
                         "--nproc-per-node 2 -m xbench run ...), which sets RANK, WORLD_SIZE "
                         "and MASTER_ADDR")
     use_cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
-    if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo", rank=rank,
-                                world_size=world, timeout=timedelta(hours=12))
+    backend = "gloo"
     if use_cuda:
-        torch.cuda.set_device(local_rank)
-        device = f"cuda:{local_rank}"
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+        backend, index = backend_and_gpu(local_rank, local_world, torch.cuda.device_count())
+        torch.cuda.set_device(index)  # before joining, so NCCL binds this rank to its GPU
+        device = f"cuda:{index}"
+    if not dist.is_initialized():
+        dist.init_process_group(backend=backend, rank=rank, world_size=world,
+                                timeout=timedelta(hours=12))
     return rank, world, device
+
+
+def backend_and_gpu(local_rank: int, local_world: int, gpus: int) -> tuple[str, int]:
+    """(process-group backend, GPU index) of a rank on a machine with ``gpus`` GPUs.
+
+    Ranks share GPUs round-robin when there are more ranks than GPUs; NCCL refuses two ranks
+    on one GPU ("Duplicate GPU detected"), so they then join with gloo, which is enough here:
+    ranks exchange nothing but barriers.
+    """
+    if gpus < 1:
+        raise UserError("--distributed --device cuda: no CUDA device is visible to this rank; "
+                        "use --device cpu or check CUDA_VISIBLE_DEVICES")
+    return ("nccl" if local_world <= gpus else "gloo"), local_rank % gpus
 
 
 def barrier(world: int) -> None:
