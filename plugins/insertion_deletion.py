@@ -5,7 +5,7 @@ from the image x and, ``step`` pixels at a time, replaces them by the substrate 
 normalisation mean colour in pixel space); insertion starts from a Gaussian blur of x (kernel
 11, sigma 5) and puts the original pixels back. The curve a_0..a_n is p_c of the image after
 0, 1, ..., n steps (n = ceil(H*W / step), the last step may move fewer pixels) and
-AUC = (sum_k a_k - (a_0 + a_n) / 2) / n, the trapezoid rule on [0, 1] (PROTOCOL.md).
+AUC = (sum_k a_k - (a_0 + a_n) / 2) / n, the trapezoid rule on [0, 1] (docs/protocol.md).
 
 The three metrics read the same curves, computed once per batch and memoised in
 ``MetricBatch.cache``: 2 x (n + 1) forward passes per image, batched across images and steps.
@@ -46,7 +46,7 @@ def step_counts(pixels: int, step: int) -> torch.Tensor:
 
 
 def auc(curve: torch.Tensor) -> torch.Tensor:
-    """Trapezoid AUC of (..., n + 1) curves on equally spaced points of [0, 1] (PROTOCOL.md)."""
+    """Trapezoid AUC of (..., n + 1) curves on equally spaced points of [0, 1] (docs/protocol.md)."""
     steps = curve.shape[-1] - 1
     if steps < 1:
         raise ValueError("a curve needs at least two points (start and end) to have an area")

@@ -254,7 +254,7 @@ def _read_devkit(root: Path, path: Path) -> dict[str, int]:
 
 
 def load_image(path: Path, resize_size: int, crop_size: int) -> torch.Tensor:
-    """Read an image as a (3, crop, crop) float tensor in [0, 1] (PROTOCOL.md "Inputs").
+    """Read an image as a (3, crop, crop) float tensor in [0, 1] (docs/protocol.md "Inputs").
 
     Greyscale, palette, CMYK, 16-bit and alpha images are converted to 8-bit RGB (alpha is
     dropped); the short side is resized to ``resize_size`` (bilinear, antialiased) and the

@@ -16,7 +16,7 @@ from xbench.errors import UserError, did_you_mean
 class ClassifierHandle(nn.Module):
     """Pixel-space classifier: ``forward(x in [0,1]) -> logits``, counting passes.
 
-    Normalisation happens here (PROTOCOL.md "Inputs"), so explainers and metrics mask, blur and
+    Normalisation happens here (docs/protocol.md "Inputs"), so explainers and metrics mask, blur and
     substitute in pixel space. ``forward_count`` grows by the batch size of every forward call
     (a batch of 64 masked inputs is 64 passes); ``backward_count`` by the batch size of every
     backward pass that reaches the logits.
