@@ -1,6 +1,6 @@
 """Average Drop and Average Increase (Chattopadhyay et al., Grad-CAM++, WACV 2018, sec. 5.1).
 
-Y = p_c(x), O = p_c(x * S') with S' the saliency map kept at retention r (PROTOCOL.md):
+Y = p_c(x), O = p_c(x * S') with S' the saliency map kept at retention r (docs/protocol.md):
 AD = 100/N sum max(0, Y - O)/Y (lower is better), AI = 100/N sum [O > Y] (higher is better).
 Both metrics read the same masked forward passes, memoised in ``MetricBatch.cache``.
 """

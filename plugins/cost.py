@@ -2,7 +2,7 @@
 
 The harness counts passes through the model wrapper and times each explanation (CUDA events
 after synchronisation on GPU, perf_counter on CPU, warm-up excluded); these metrics expose
-those measurements as columns of the matrix (PROTOCOL.md "Cost").
+those measurements as columns of the matrix (docs/protocol.md "Cost").
 """
 
 from __future__ import annotations

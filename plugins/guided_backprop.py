@@ -8,7 +8,7 @@ at every ReLU-family unit the gradient reaching its input is
 
 where ``d(x)`` is the unit's own local derivative (1 on (0, 6) for ReLU6, so a saturated ReLU6
 passes nothing, exactly as ordinary backprop would). The map handed to the metrics is the
-channel-wise max of |dy^c/dx| in pixel space (PROTOCOL.md "Method definitions").
+channel-wise max of |dy^c/dx| in pixel space (docs/protocol.md "Explainers").
 
 Why not captum's ``GuidedBackprop`` directly: it hooks ``nn.ReLU`` modules only, so on
 EfficientNet-Lite (``nn.ReLU6``) it silently degrades to plain gradients. Swapping modules for
@@ -19,7 +19,7 @@ k times is guided k times; in-place activations are fine because the graph is ne
 captum's GuidedBackprop is the test oracle on plain-ReLU models (tests/test_explainers.py).
 
 ReLU family handled: ``nn.ReLU``, ``nn.ReLU6``, ``nn.LeakyReLU``. For ReLU and ReLU6 the rule
-above equals captum's ``relu(grad_input)``. For LeakyReLU it follows PROTOCOL.md literally ("pass
+above equals captum's ``relu(grad_input)``. For LeakyReLU it follows docs/protocol.md literally ("pass
 gradient only where the forward input and the incoming gradient are both positive"): the
 negative-slope branch passes nothing. Other activations (SiLU, GELU, ...) keep their ordinary
 gradient; a model without any ReLU-family module is refused with a clear error, because

@@ -11,7 +11,7 @@ image, i.e. with the model's mean colour in pixel space (``blur_padding=mean``, 
 ``blur_padding=reflect`` pads by reflection instead (protocol v1's rule; up to ~0.1 insertion
 AUC apart on single images). The curve a_0..a_n is p_c of the image after
 0, 1, ..., n steps (n = ceil(H*W / step), the last step may move fewer pixels) and
-AUC = (sum_k a_k - (a_0 + a_n) / 2) / n, the trapezoid rule on [0, 1] (PROTOCOL.md).
+AUC = (sum_k a_k - (a_0 + a_n) / 2) / n, the trapezoid rule on [0, 1] (docs/protocol.md).
 
 The three metrics read the same curves, computed once per batch and memoised in
 ``MetricBatch.cache``: 2 x (n + 1) forward passes per image, batched across images and steps.
@@ -55,7 +55,7 @@ def step_counts(pixels: int, step: int) -> torch.Tensor:
 
 
 def auc(curve: torch.Tensor) -> torch.Tensor:
-    """Trapezoid AUC of (..., n + 1) curves on equally spaced points of [0, 1] (PROTOCOL.md)."""
+    """Trapezoid AUC of (..., n + 1) curves on equally spaced points of [0, 1] (docs/protocol.md)."""
     steps = curve.shape[-1] - 1
     if steps < 1:
         raise ValueError("a curve needs at least two points (start and end) to have an area")

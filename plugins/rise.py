@@ -7,7 +7,7 @@ H x W at a random shift in [0, ceil(H / s)), so mask edges are soft and fall any
 
     S_c(lambda) = 1 / (N p1) * sum_i p_c(x * M_i) M_i(lambda)
 
-p_c is the softmax probability of the target; masking is in pixel space (PROTOCOL.md "Inputs").
+p_c is the softmax probability of the target; masking is in pixel space (docs/protocol.md "Inputs").
 
 The random part (grids and shifts) is drawn once per explainer instance from ``seed`` on the CPU
 (identical on every device) and cached per (input size, device); masks are materialised chunk

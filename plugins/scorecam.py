@@ -12,10 +12,10 @@ For image x, target c and the K activation maps A^k of the target layer (officia
 The sum uses the *un-normalised, upsampled* maps U^k, as the official code does; because
 bilinear upsampling is linear, sum_k w^k U^k = Upsample(sum_k w^k A^k), which is what is computed
 (one upsampling instead of K), and the ReLU is applied after upsampling as in the official code.
-Masking is in pixel space (PROTOCOL.md "Inputs"; the official code multiplies the normalised
+Masking is in pixel space (docs/protocol.md "Inputs"; the official code multiplies the normalised
 tensor, i.e. masks towards the mean colour instead of black).
 
-Cost per image: 1 forward (activations) + K - skipped forwards, exactly (PROTOCOL.md "Cost").
+Cost per image: 1 forward (activations) + K - skipped forwards, exactly (docs/protocol.md "Cost").
 The number of skipped (constant) channels of the last call is kept in ``last_skipped``.
 
 Speed: masked inputs are built chunk by chunk (``batch_size`` masks per forward) into one

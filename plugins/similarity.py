@@ -1,7 +1,7 @@
 """Neuron similarity value (Wang Xinyuan, "Research on interpretability method of deep neural
 network based on average image", master's thesis, Central South University, 2022).
 
-PROTOCOL.md "Neuron similarity value". For every class i, chosen layer j and neuron (channel) k:
+docs/protocol.md "Neuron similarity value". For every class i, chosen layer j and neuron (channel) k:
 
 - I_i: a class average image (:func:`simple_average`, :func:`confidence_averages`; the
   gradient-ascent :func:`network_driven_average` is a reference picture only, as in the thesis);

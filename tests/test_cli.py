@@ -98,3 +98,36 @@ def test_messages_keep_long_paths_on_one_line(tmp_path, capsys):
     assert main(["report", str(missing)]) == 2
     err = capsys.readouterr().err
     assert str(missing) in err and "not a run folder" in err  # not folded at 80 columns
+
+
+def test_plugins_keeps_its_bracketed_tags(capsys):
+    # rich reads "[gradients]" as a style tag and drops it unless the text is escaped
+    main(["plugins"])
+    out = capsys.readouterr().out
+    gradcam = next(line for line in out.splitlines() if "│ gradcam " in line)
+    average_drop = next(line for line in out.splitlines() if "│ average-drop " in line)
+    rise = next(line for line in out.splitlines() if "│ rise " in line)
+    assert "[gradients]" in gradcam and "[gradients]" not in rise
+    assert "[lower is better]" in average_drop
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["--version"], ["-p", "no:rise", "--help"]])
+def test_help_and_version_import_neither_torch_nor_subcommands(argv):
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom xbench.cli import main\n"
+            f"try:\n    main({argv!r})\nexcept SystemExit as exc:\n    assert exc.code == 0\n"
+            "loaded = sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.')\n"
+            "                or m in ('xbench.runner', 'xbench.cli.run', 'xbench.cli.explain'))\n"
+            "print('LOADED', loaded)\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          check=True)
+    assert "LOADED []" in done.stdout
+    assert "run" in done.stdout and "report" in done.stdout or "xbench 0." in done.stdout
+
+
+def test_a_subcommand_gets_its_full_parser_only_when_named(capsys):
+    with pytest.raises(SystemExit):
+        main(["-p", "no:rise", "run", "--help"])
+    assert "--explainers" in capsys.readouterr().out

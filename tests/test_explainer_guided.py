@@ -1,6 +1,6 @@
 """Guided backprop: equal to captum on plain-ReLU models, equal to a hand-written guided rule on
 models with a shared ReLU6 (where captum silently falls back to plain gradients), LeakyReLU per
-PROTOCOL.md, and Guided Grad-CAM as the product of its parts."""
+docs/protocol.md, and Guided Grad-CAM as the product of its parts."""
 
 from __future__ import annotations
 

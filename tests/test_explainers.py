@@ -2,7 +2,7 @@
 
 Peers: pytorch-grad-cam (PyPI ``grad-cam``) on EfficientNet-Lite0 with its real weights and
 real photos, compared after the harness's upsampling and min-max normalisation.
-Pass counts of every explainer of issue 3 are checked here against PROTOCOL.md "Cost".
+Pass counts of every explainer of issue 3 are checked here against docs/protocol.md "Cost".
 """
 
 from __future__ import annotations
@@ -181,7 +181,7 @@ def test_gradcam_on_the_toy_head_by_hand():
     torch.testing.assert_close(cam, expected)
 
 
-# ---------------------------------------------------------------- pass counts (PROTOCOL.md)
+# ---------------------------------------------------------------- pass counts (docs/protocol.md)
 
 @pytest.mark.parametrize("cls, forward, backward", [
     (GradCAM, 1, 1), (GradCAMPlusPlus, 1, 1), (LayerCAM, 1, 1), (GuidedBackprop, 1, 1),

@@ -132,7 +132,7 @@ def reference_reflect_blur(images: torch.Tensor) -> torch.Tensor:
 def explicit_step_image(start: torch.Tensor, finish: torch.Tensor, saliency: torch.Tensor,
                         moved: int) -> torch.Tensor:
     """``start`` with its ``moved`` most salient pixels copied from ``finish``, built pixel by
-    pixel; Python's sort is stable, so equal saliency keeps raster order (PROTOCOL.md)."""
+    pixel; Python's sort is stable, so equal saliency keeps raster order (docs/protocol.md)."""
     height, width = saliency.shape
     values = saliency.flatten().tolist()
     order = sorted(range(height * width), key=lambda i: -values[i])
@@ -265,7 +265,7 @@ def test_three_metrics_share_one_set_of_forward_passes(tiny):
     with model.counting() as rest:
         dele = Deletion(step=10).score(batch)["step=10"]
         both = InsertionDeletion(step=10).score(batch)["step=10"]
-    assert first["forward"] == 3 * 2 * (15 + 1)  # PROTOCOL.md cost: steps + 1 per metric
+    assert first["forward"] == 3 * 2 * (15 + 1)  # docs/protocol.md cost: steps + 1 per metric
     assert rest["forward"] == 0
     assert set(batch.curves) == {("insertion", "step=10"), ("deletion", "step=10")}
     torch.testing.assert_close(both, ins - dele, atol=0, rtol=0)
@@ -591,7 +591,7 @@ def test_insertion_deletion_agree_with_torchcam(tiny):
     # torchcam uses one baseline for both curves: deletion replaces pixels by it, insertion
     # starts from it. With the mean colour it is our deletion; with the blurred image, our
     # insertion. 12 steps of 12 pixels divide 144 exactly, so its trapezoid over the actual
-    # perturbed fractions equals PROTOCOL.md's (sum - ends/2)/n.
+    # perturbed fractions equals docs/protocol.md's (sum - ends/2)/n.
     grey = torch.tensor(MEAN).view(1, 3, 1, 1)
     peer = metrics.DeletionInsertionMetric(FixedMaps(model, saliency), softmax, steps=12, baseline=grey)
     peer.update(images, class_idx=targets)
@@ -610,7 +610,7 @@ def test_torchcam_differs_only_in_the_short_last_step(tiny):
     batch = make_batch(model, images, saliency)
     ours = Deletion(step=10).score(batch)["step=10"]
     curve = batch.curves[("deletion", "step=10")]
-    # step 10 on 144 pixels: 15 steps, the last moves 4 pixels. RISE and PROTOCOL.md weight all
+    # step 10 on 144 pixels: 15 steps, the last moves 4 pixels. RISE and docs/protocol.md weight all
     # steps equally; torchcam integrates over the actual fraction of pixels moved.
     fractions = step_counts(144, 10).double() / 144
     grey = torch.tensor(MEAN).view(1, 3, 1, 1)

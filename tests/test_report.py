@@ -117,7 +117,7 @@ def test_matrix_cells_hold_the_recorded_means(tiny_run, tiny_page):
         for column, value in zip(columns, values, strict=True):
             key = "median" if column == "time" else "mean"
             assert value == pytest.approx(expected.loc[column, key], rel=1e-12)
-    # Grad-CAM costs 1 forward + 1 backward per image (PROTOCOL.md "Cost")
+    # Grad-CAM costs 1 forward + 1 backward per image (docs/protocol.md "Cost")
     gradcam = table[(table.explainer == "gradcam") & (table.column == "forward-passes")]
     assert float(gradcam["mean"].iloc[0]) == 1.0
 

@@ -64,7 +64,7 @@ def test_run_writes_header_rows_and_leaderboard(tmp_path, images, toy_registry):
     assert len(rows) == 5 + 5 * 9
     fw = [r.value for r in rows if r.metric == "forward-passes"]
     bw = [r.value for r in rows if r.metric == "backward-passes"]
-    assert fw == [1.0] * 5 and bw == [1.0] * 5  # PROTOCOL.md: Grad-CAM costs 1 F + 1 B
+    assert fw == [1.0] * 5 and bw == [1.0] * 5  # docs/protocol.md: Grad-CAM costs 1 F + 1 B
     assert {r.protocol for r in rows} == {xbench.PROTOCOL_VERSION} == {"2"} and {r.dtype for r in rows} == {"fp32"}
     assert all(r.dataset_hash == header.dataset["subset_hash"] for r in rows)
     import numpy as np

@@ -27,7 +27,7 @@ class Explainer(ABC):
     - ``images``: float tensor (B, 3, H, W) in pixel space [0, 1] on ``model.device``;
       ``targets``: long tensor (B,) of class indices.
     - returns a float tensor (B, h, w) on the same device, finite and >= 0, at any resolution
-      (the harness upsamples and min-max normalises it, PROTOCOL.md "Saliency maps").
+      (the harness upsamples and min-max normalises it, docs/protocol.md "Saliency maps").
     - all forward passes go through ``model`` (a :class:`~xbench.model.ClassifierHandle`),
       so the harness can count them; the method leaves no hooks or modified modules behind.
     - deterministic for a fixed ``seed``.
@@ -78,7 +78,7 @@ class LoadedModel:
 
     ``module`` takes *normalised* input; the harness wraps it in a
     :class:`~xbench.model.ClassifierHandle` that applies ``(x - mean) / std`` to pixel-space
-    images, so masks and substrates mean the same thing for every model (PROTOCOL.md "Inputs").
+    images, so masks and substrates mean the same thing for every model (docs/protocol.md "Inputs").
     """
 
     module: nn.Module
@@ -98,7 +98,7 @@ class LoadedModel:
 
     def __post_init__(self) -> None:
         if self.resize_size is None:
-            # 224 -> 256 as in PROTOCOL.md; the same 0.875 crop ratio for other input sizes.
+            # 224 -> 256 as in docs/protocol.md; the same 0.875 crop ratio for other input sizes.
             object.__setattr__(self, "resize_size", int(round(self.input_size / 0.875)))
 
 

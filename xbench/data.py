@@ -9,7 +9,7 @@ Layouts understood by :func:`open_dataset` (first match wins):
 - class folders named by WNID (torchvision ImageFolder layout) mapped through the fixed
   WNID -> index table, so a subset of folders never shifts indices; other folder names get
   sorted-folder indices (ImageFolder's rule) for non-ImageNet models;
-- a flat folder of ``<wnid>_name.JPEG`` files (../shared/data/imagenet_sample_1000);
+- a flat folder of ``<wnid>_name.JPEG`` files (one ImageNet image per class, say);
 - CUB-200-2011 (``images.txt``, ``image_class_labels.txt``, ``train_test_split.txt``,
   ``images/``): its test split, classes 0..199.
 """
@@ -254,7 +254,7 @@ def _read_devkit(root: Path, path: Path) -> dict[str, int]:
 
 
 def load_image(path: Path, resize_size: int, crop_size: int) -> torch.Tensor:
-    """Read an image as a (3, crop, crop) float tensor in [0, 1] (PROTOCOL.md "Inputs").
+    """Read an image as a (3, crop, crop) float tensor in [0, 1] (docs/protocol.md "Inputs").
 
     Greyscale, palette, CMYK, 16-bit and alpha images are converted to 8-bit RGB (alpha is
     dropped); the short side is resized to ``resize_size`` (bilinear, antialiased) and the

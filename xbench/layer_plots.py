@@ -1,7 +1,7 @@
 """Overall score per target layer for each explainer (``xbench plot layers RUN_DIR``).
 
 The comparison of layer-wise CAM papers (Cheng Yan et al. 2025, LayerCAM): the overall score
-AUC(insertion) - AUC(deletion) (PROTOCOL.md "Insertion and deletion", metric
+AUC(insertion) - AUC(deletion) (docs/protocol.md "Insertion and deletion", metric
 ``insertion-deletion``) of the map produced at every layer, layers in the model's forward
 order, one line per explainer with its mean over images and a 95% bootstrap band
 (:func:`xbench.stats.bootstrap_ci`, seeded).

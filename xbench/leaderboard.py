@@ -70,7 +70,7 @@ def matrix(frame: pd.DataFrame, seed: int = 0) -> pd.DataFrame:
 
     mean over images with a seeded 95% bootstrap interval; ``best`` marks the best explainer
     of each (layer-agnostic) column, ``tied_with_best`` those whose paired bootstrap
-    difference from the best includes 0 (the same images, PROTOCOL.md "Aggregation").
+    difference from the best includes 0 (the same images, docs/protocol.md "Aggregation").
     """
     scored = frame[(frame.explainer != "") & (frame.status == "ok") & frame.value.notna()]
     # columns keep the order the metrics produced them in (retention 100%, 50%, 15%, ...)

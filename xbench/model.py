@@ -17,7 +17,7 @@ from xbench.layers import LayerCensus, split_shared_modules, take_census
 class ClassifierHandle(nn.Module):
     """Pixel-space classifier: ``forward(x in [0,1]) -> logits``, counting passes.
 
-    Normalisation happens here (PROTOCOL.md "Inputs"), so explainers and metrics mask, blur and
+    Normalisation happens here (docs/protocol.md "Inputs"), so explainers and metrics mask, blur and
     substitute in pixel space. ``forward_count`` grows by the batch size of every forward call
     (a batch of 64 masked inputs is 64 passes); ``backward_count`` by the batch size of every
     backward pass that reaches the logits.

@@ -1,6 +1,6 @@
 """Named run profiles: plugin options that trade fidelity for time, recorded in every row.
 
-``paper`` is the settings of the papers (PROTOCOL.md) and the default on ILSVRC2012 val;
+``paper`` is the settings of the papers (docs/protocol.md) and the default on ILSVRC2012 val;
 ``quick`` keeps the embedded default run (6 images, EfficientNet-Lite0, 2 CPU cores) within a
 few minutes. Keys are plugin names; values are constructor options of that plugin.
 """

@@ -72,7 +72,7 @@ class ResultRow:
 
     ``status`` is "ok" or "failed" (then ``value`` is None and ``error`` says why); a failure
     to read an image has ``explainer`` and ``metric`` empty. ``degenerate`` marks a constant
-    or non-finite map, scored as the all-zero map (PROTOCOL.md).
+    or non-finite map, scored as the all-zero map (docs/protocol.md).
     """
 
     run: str
@@ -91,7 +91,7 @@ class ResultRow:
     status: str = "ok"
     degenerate: bool = False
     error: str = ""
-    # provenance repeated in every row (PROTOCOL.md "Aggregation")
+    # provenance repeated in every row (docs/protocol.md "Aggregation")
     protocol: str = ""
     profile: str = ""
     target_rule: str = ""

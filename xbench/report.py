@@ -649,7 +649,7 @@ def _problems_section(frame: pd.DataFrame, images: list[GalleryImage]) -> str:
                 for line in degenerate.itertuples()]
         parts.append(f"<h3>{_count(len(degenerate), 'degenerate map')}</h3>"
                      '<p class="note">Constant or non-finite maps, scored as the all-zero map '
-                     "(PROTOCOL.md).</p>"
+                     "(docs/protocol.md).</p>"
                      + _text_table("degenerate", ("image", "file", "explainer", "layer"), body))
     return "\n".join(parts)
 

@@ -342,7 +342,7 @@ class Runner:
     def _warm_up(self, handle: ClassifierHandle, explainers: list[tuple[str, Explainer]]) -> None:
         """One forward+backward at the run's batch shape (kernel selection, allocator) and each
         explainer's one-time set-up, so that neither is billed to the first timed explainer
-        (PROTOCOL.md "Cost")."""
+        (docs/protocol.md "Cost")."""
         size = handle.input_size
         batch = max(1, min(self.config.batch_size, len(self.dataset.items)))
         x = torch.rand(batch, 3, size, size, device=self.device, requires_grad=True)

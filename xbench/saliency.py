@@ -1,4 +1,4 @@
-"""Saliency-map post-processing shared by the runner and the metrics (PROTOCOL.md)."""
+"""Saliency-map post-processing shared by the runner and the metrics (docs/protocol.md)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ def normalize_maps(maps: torch.Tensor, size: tuple[int, int]) -> tuple[torch.Ten
     """Upsample (B, h, w) maps to ``size`` and min-max each to [0, 1].
 
     Returns (maps, degenerate). A map with NaN/Inf, or constant after upsampling (all zeros
-    included), is degenerate and returned as all zeros (PROTOCOL.md "Saliency maps").
+    included), is degenerate and returned as all zeros (docs/protocol.md "Saliency maps").
     """
     if maps.dim() != 3:
         raise ValueError(f"saliency maps must have shape (B, h, w), got {tuple(maps.shape)}")

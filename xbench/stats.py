@@ -1,7 +1,7 @@
 """Uncertainty for the matrix: seeded bootstrap intervals and paired bootstrap tests.
 
 Every cell is a mean over images; its 95% interval is the percentile bootstrap over images
-(PROTOCOL.md "Aggregation"). Two explainers are compared on the *same* images by resampling
+(docs/protocol.md "Aggregation"). Two explainers are compared on the *same* images by resampling
 the per-image differences (paired bootstrap), which is far tighter than comparing intervals.
 """
 

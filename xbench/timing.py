@@ -1,4 +1,4 @@
-"""Wall-clock timing that is honest on both CPU and CUDA (PROTOCOL.md "Cost")."""
+"""Wall-clock timing that is honest on both CPU and CUDA (docs/protocol.md "Cost")."""
 
 from __future__ import annotations
 

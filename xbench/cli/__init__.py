@@ -1,8 +1,9 @@
 """Command-line entry point: ``xbench SUBCOMMAND ...``; one module per subcommand.
 
 Each subcommand module defines ``add_parser(subparsers)`` (which registers its parser and sets
-``func``) and is listed in ``SUBCOMMANDS``; modules are imported only when needed so that
-``xbench plugins`` stays fast.
+``func``) and is listed in ``SUBCOMMANDS`` with its one-line help. Only the module of the
+subcommand on the command line is imported: ``xbench --help`` and ``xbench --version`` import
+neither torch nor any subcommand module, and ``xbench plugins`` skips the others' imports.
 """
 
 from __future__ import annotations
@@ -14,19 +15,36 @@ import sys
 from xbench.cli.console import message_console
 from xbench.errors import UserError
 
+#: subcommand -> (module, help line shown by ``xbench --help`` without importing the module)
 SUBCOMMANDS = {
-    "run": "xbench.cli.run",
-    "leaderboard": "xbench.cli.leaderboard",
-    "plugins": "xbench.cli.plugins",
-    "explain": "xbench.cli.explain",
-    "plot": "xbench.cli.plot",
-    "train": "xbench.cli.train",
-    "similarity": "xbench.cli.similarity",
-    "report": "xbench.cli.report",
+    "run": ("xbench.cli.run", "score explainers x metrics on a dataset"),
+    "leaderboard": ("xbench.cli.leaderboard", "regenerate the leaderboard from run records"),
+    "plugins": ("xbench.cli.plugins", "list installed plugins"),
+    "explain": ("xbench.cli.explain", "write a heatmap overlay PNG for one image"),
+    "plot": ("xbench.cli.plot", "draw figures from a run's records (PNG)"),
+    "train": ("xbench.cli.train", "train L-CAM heads or mutual-transfer students"),
+    "similarity": ("xbench.cli.similarity",
+                   "neuron similarity values from class average images (Wang 2022)"),
+    "report": ("xbench.cli.report", "write a self-contained HTML report of a run"),
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _chosen_subcommand(argv: list[str]) -> str | None:
+    """The subcommand named on the command line (skipping ``-p VALUE``), or None."""
+    skip = False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "-p":
+            skip = True
+        elif not arg.startswith("-"):
+            return arg if arg in SUBCOMMANDS else None
+    return None
+
+
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The parser; only the subcommand named in ``argv`` gets its full parser (all of them
+    when ``argv`` is None), the others a placeholder with their help line."""
     from xbench import __version__
 
     parser = argparse.ArgumentParser(prog="xbench", description=(
@@ -35,7 +53,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-p", dest="plugin_options", action="append", default=[], metavar="no:NAME",
                         help="block the plugin NAME for this command (repeatable)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name, module in SUBCOMMANDS.items():
+    chosen = None if argv is None else _chosen_subcommand(argv)
+    for name, (module, help_line) in SUBCOMMANDS.items():
+        if argv is not None and name != chosen:
+            sub.add_parser(name, help=help_line)
+            continue
         try:
             importlib.import_module(module).add_parser(sub)
         except ModuleNotFoundError as exc:
@@ -54,11 +76,11 @@ def blocked_plugins(args: argparse.Namespace) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser(argv).parse_args(argv)
     from xbench.environment import tune_allocator
 
     tune_allocator()
-    parser = build_parser()
-    args = parser.parse_args(argv)
     err = message_console()
     try:
         return int(args.func(args) or 0)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from rich.markup import escape
 from rich.table import Table
 
 from xbench.cli.console import table_console
@@ -35,8 +36,10 @@ def run(args: argparse.Namespace) -> int:
                 summary = f"[{info.cls.direction} is better] {summary}"
             elif kind == "explainer" and info.cls.needs_gradients:
                 summary = f"[gradients] {summary}"
-            table.add_row(name, kind, info.plugin, info.version, info.source, summary)
+            # escaped: rich would read the tags ('[gradients]') and any bracket as markup
+            table.add_row(*map(escape, (name, kind, info.plugin, info.version, info.source,
+                                        summary)))
     console.print(table)
     for message in registry.load_errors:
-        console.print(f"[red]failed:[/] {message}", highlight=False)
+        console.print(f"[red]failed:[/] {escape(message)}", highlight=False)
     return 1 if registry.load_errors else 0

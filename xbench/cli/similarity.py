@@ -25,7 +25,7 @@ from xbench import PROTOCOL_VERSION, __version__
 from xbench.cli.console import message_console, table_console
 from xbench.errors import UserError
 
-DESCRIPTION = """Per-neuron similarity values (Wang Xinyuan 2022, PROTOCOL.md "Neuron similarity
+DESCRIPTION = """Per-neuron similarity values (Wang Xinyuan 2022, docs/protocol.md "Neuron similarity
 value"): the guided-backprop visualisation of every channel of the chosen layers, computed from
 each class average image I_i, compared by cosine with I_i (method 1) or with the guided backprop
 of the class logit (method 2); per-layer curves; and the pruning check (zero the top vs bottom

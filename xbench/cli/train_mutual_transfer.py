@@ -52,7 +52,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data-root", default="data", metavar="DIR",
                         help="folder holding cifar-10-batches-py / cifar-100-python (never downloaded)")
     parser.add_argument("--val-data", metavar="PATH",
-                        help="evaluation images for a folder --data (e.g. ../shared/data/ilsvrc2012_val_1000)")
+                        help="evaluation images for a folder --data (e.g. /path/to/ILSVRC2012/val)")
     parser.add_argument("--limit", type=int, metavar="N", help="train on a seeded subset of N images")
     parser.add_argument("--val-limit", type=int, metavar="N", help="evaluate on a seeded subset of N images")
     parser.add_argument("--lambda", dest="lam", type=float, default=0.5, metavar="L",
