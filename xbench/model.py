@@ -118,17 +118,43 @@ class ClassifierHandle(nn.Module):
                               for chunk in images.split(batch_size)])
 
     def layer(self, name: str | None) -> nn.Module:
-        """The submodule called ``name`` (default layer when None), with a helpful error."""
+        """The submodule called ``name`` (default layer when None), with a helpful error; a
+        layer whose output has no spatial map (not (B, K, h, w)) is refused too."""
         name = name or self.default_layer
         modules = dict(self.net.named_modules())
+        shapes = self.layer_output_shapes()
+        spatial = [n for n, shape in shapes.items() if len(shape) == 4]
         if name not in modules or name == "":
-            choices = [n for n in modules if n]
             raise UserError(
-                f"model has no layer {name!r}.{did_you_mean(name, choices)} "
-                f"Layers are module names as in model.named_modules(), e.g. "
-                f"{', '.join(choices[-3:])}; the default is {self.default_layer!r}."
-            )
+                f"model has no layer {name!r}.{did_you_mean(name, spatial)} "
+                f"Layers are module names as in model.named_modules(); those with a spatial "
+                f"map (a CAM can use them) end with {', '.join(spatial[-3:])}; the default "
+                f"is {self.default_layer!r}.")
+        if name in shapes and len(shapes[name]) != 4:
+            raise UserError(
+                f"layer {name!r} has no spatial map (its output is {tuple(shapes[name])}, not "
+                f"(B, K, h, w)), so a CAM cannot use it. Layers that can carry a CAM: "
+                f"{', '.join(spatial)}; the default is {self.default_layer!r}.")
         return modules[name]
+
+    def layer_output_shapes(self) -> dict[str, tuple[int, ...]]:
+        """{module name: output shape (1, ...) of its last call} from one probe forward of a
+        zero image, cached (tensor outputs only, forward order)."""
+        if getattr(self, "_layer_shapes", None) is None:
+            shapes: dict[str, tuple[int, ...]] = {}
+            hooks = [module.register_forward_hook(
+                lambda _m, _i, out, n=n: shapes.__setitem__(n, tuple(out.shape))
+                if isinstance(out, torch.Tensor) else None)
+                for n, module in self.net.named_modules() if n]
+            try:
+                with torch.inference_mode():
+                    size = self.input_size
+                    self.net(torch.zeros(1, 3, size, size, device=self.device))
+            finally:
+                for hook in hooks:
+                    hook.remove()
+            self._layer_shapes = shapes
+        return self._layer_shapes
 
     @contextlib.contextmanager
     def counting(self) -> Iterator[dict[str, int]]:

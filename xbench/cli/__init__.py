@@ -23,6 +23,7 @@ SUBCOMMANDS = {
     "train": "xbench.cli.train",
     "similarity": "xbench.cli.similarity",
     "report": "xbench.cli.report",
+    "check": "xbench.cli.check",
 }
 
 
