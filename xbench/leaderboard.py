@@ -292,13 +292,14 @@ def write(results: Path, skipped: list[str] | None = None) -> list[Path]:
 
 
 def check(results: Path) -> list[str]:
-    """What is wrong with the committed leaderboard: each leaderboard file that differs from
-    what the records regenerate, and each run whose records cannot be read (file and line)."""
+    """What is wrong with the committed leaderboard: the message of each run whose records
+    cannot be read (file and line), then the path of each leaderboard file that differs from
+    what the records regenerate."""
     skipped: list[str] = []
     markdown, csv = render(results, skipped)
     stale = list(skipped)
     for name, expected in ((LEADERBOARD_MD, markdown), (LEADERBOARD_CSV, csv)):
         path = results / name
         if not path.exists() or path.read_text(encoding="utf-8") != expected:
-            stale.append(f"{path} differs from what the records regenerate")
+            stale.append(str(path))
     return stale

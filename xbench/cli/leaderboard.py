@@ -28,6 +28,9 @@ def run(args: argparse.Namespace) -> int:
         problems = leaderboard.check(results)
         if problems:
             for problem in problems:
+                if problem in {str(results / name) for name in (leaderboard.LEADERBOARD_MD,
+                                                                  leaderboard.LEADERBOARD_CSV)}:
+                    problem += " differs from what the records regenerate"
                 console.print(f"[red]leaderboard check failed[/]: {problem}", highlight=False)
             console.print(f"Fix or remove the runs named above, then run `xbench leaderboard "
                           f"{results}` and commit.", highlight=False)
