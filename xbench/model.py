@@ -138,21 +138,25 @@ class ClassifierHandle(nn.Module):
         return modules[name]
 
     def layer_output_shapes(self) -> dict[str, tuple[int, ...]]:
-        """{module name: output shape (1, ...) of its last call} from one probe forward of a
+        """{module name: output shape (1, ...) of its first call} from one probe forward of a
         zero image, cached (tensor outputs only, forward order)."""
         if getattr(self, "_layer_shapes", None) is None:
+            import copy
+
+            # on a copy without the caller's hooks: the probe must not fire them
+            net = copy.deepcopy(self.net)
             shapes: dict[str, tuple[int, ...]] = {}
-            hooks = [module.register_forward_hook(
-                lambda _m, _i, out, n=n: shapes.__setitem__(n, tuple(out.shape))
-                if isinstance(out, torch.Tensor) else None)
-                for n, module in self.net.named_modules() if n]
-            try:
-                with torch.inference_mode():
-                    size = self.input_size
-                    self.net(torch.zeros(1, 3, size, size, device=self.device))
-            finally:
-                for hook in hooks:
-                    hook.remove()
+            for n, module in net.named_modules():
+                module._forward_hooks.clear()
+                module._forward_pre_hooks.clear()
+                if n:
+                    def record(_m, _i, out, n=n) -> None:  # first call: a reused module's
+                        if isinstance(out, torch.Tensor) and n not in shapes:  # own check
+                            shapes[n] = tuple(out.shape)
+                    module.register_forward_hook(record)
+            with torch.inference_mode():
+                size = self.input_size
+                net(torch.zeros(1, 3, size, size, device=self.device))
             self._layer_shapes = shapes
         return self._layer_shapes
 
