@@ -60,6 +60,9 @@ class RISE(Explainer):
         settings = {"n_masks": self.n_masks, "s": self.s, "p1": self.p1}
         return ",".join(f"{k}={v:g}" for k, v in settings.items() if v != DEFAULTS[k])
 
+    def expected_forward_passes(self, model: ClassifierHandle) -> int:
+        return self.n_masks
+
     def prepare(self, model: ClassifierHandle, shape: tuple[int, int, int]) -> None:
         """Draw the masks' random part before timing starts (called by the harness warm-up)."""
         self._random_part(shape[-2], shape[-1], model.device)

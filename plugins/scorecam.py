@@ -90,6 +90,12 @@ class ScoreCAM(Explainer):
     def variant(self) -> str:
         return "" if self.max_channels is None else f"max_channels={self.max_channels}"
 
+    def expected_forward_passes(self, model: ClassifierHandle) -> int:
+        """1 + K (at most ``max_channels``): constant channels, found only while running, are
+        skipped, so this is an upper bound."""
+        channels = model.census.layers[self.layer or model.default_layer].shape[1]
+        return 1 + (channels if self.max_channels is None else min(channels, self.max_channels))
+
     def diagnostics(self) -> dict[str, torch.Tensor]:
         """Constant channels skipped (weight 0, no forward pass) per image of the last call."""
         return {"skipped-channels": self.last_skipped.double()}

@@ -6,6 +6,7 @@ import errno
 import json
 import os
 import random
+import re
 import signal
 import struct
 import subprocess
@@ -14,6 +15,7 @@ import textwrap
 import time
 import types
 import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -46,9 +48,17 @@ class DrillToy(xbench.Model):
     def load(self):
         return toy_model(seed=0).loaded
 
+class SlowDrillToy(DrillToy):
+    name = "slow-toy-cnn"
+    def load(self):
+        import time
+        time.sleep(1.5)  # the model and engine set-up of a real run, between check and write
+        return super().load()
+
 @xbench.hookimpl
 def register_models(register):
     register(DrillToy)
+    register(SlowDrillToy)
 '''
 
 
@@ -244,6 +254,285 @@ def test_full_disk_stops_cleanly_and_resume_completes(tmp_path, monkeypatch):
     assert summary.folder.rows_path.read_bytes() == reference.rows_path.read_bytes()
 
 
+# -- two runs on one folder ------------------------------------------------------------------
+
+def test_two_runs_on_one_folder_exactly_one_writes_and_no_row_is_lost(tmp_path, drill_env):
+    """Two runs on one --out/--name, the second started 0, 1 and 3 s after the first, in both
+    orders; the six scenarios run side by side (each in its own folder) to keep the drill short.
+    The slow-loading toy leaves the 1.5 s window between the folder check and the first write
+    that a real model's set-up leaves."""
+    data = tmp_path / "imgs"
+    write_images(data, ["a.png", "b.png"], size=36)
+
+    def start(explainer, out):
+        return subprocess.Popen(
+            [sys.executable, "-m", "xbench", "run", "--model", "slow-toy-cnn", "--data",
+             str(data), "--explainers", explainer, "--metrics", "forward-passes",
+             "--batch-size", "1", "--no-leaderboard", "--device", "cpu", "--engine", "eager",
+             "--out", str(out), "--name", "same"],
+            env=drill_env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+    scenarios = [(offset, first, second) for offset in (0, 1, 3)
+                 for first, second in (("gradcam", "layercam"), ("layercam", "gradcam"))]
+    processes = {}
+    for offset, first, second in scenarios:
+        processes[offset, first] = {first: start(first, tmp_path / f"{offset}-{first}")}
+    began = time.perf_counter()
+    for offset, first, second in sorted(scenarios):
+        time.sleep(max(0.0, began + offset - time.perf_counter()))
+        processes[offset, first][second] = start(second, tmp_path / f"{offset}-{first}")
+    for (offset, first), pair in processes.items():
+        results = {name: (process.wait(), process.communicate()[1])
+                   for name, process in pair.items()}
+        winners = [name for name, (code, _) in results.items() if code == 0]
+        assert len(winners) == 1, (offset, first, results)
+        (loser_code, loser_err), = [result for name, result in results.items()
+                                    if name != winners[0]]
+        assert loser_code == 2, loser_err
+        assert ("in use by another xbench run (process" in loser_err
+                or "already holds a run" in loser_err), loser_err
+        folder = RunFolder(tmp_path / f"{offset}-{first}" / "same")
+        rows = list(folder.rows())
+        assert len(folder.finished_units()) == folder.header().units_total == 4
+        assert sorted((r.image, r.explainer) for r in rows) == sorted(
+            (image, explainer) for image in ("a.png", "b.png") for explainer in ("", winners[0]))
+        assert not (folder.path / "LOCK").exists()
+
+
+# -- records that cannot be read --------------------------------------------------------------
+
+def _cli_registry(monkeypatch, registry):
+    """Make in-process `xbench ...` commands use ``registry`` (the toy model and friends)."""
+    import xbench.cli.run
+    import xbench.plugins
+
+    monkeypatch.setattr(xbench.cli.run, "build_registry", lambda blocked=(): registry)
+    monkeypatch.setattr(xbench.plugins, "build_registry", lambda blocked=(): registry)
+
+
+def _cli_run(data, out, *extra):
+    from xbench.cli import main
+
+    return main(["run", "--model", "toy-cnn", "--data", str(data), "--metrics",
+                 "average-drop,forward-passes", "--batch-size", "1", "--device", "cpu",
+                 "--no-channels-last", "--out", str(out), *extra])
+
+
+def test_one_corrupt_record_is_named_and_never_blocks_other_runs(tmp_path, monkeypatch,
+                                                                 capsys):
+    from xbench import leaderboard
+    from xbench.cli import main
+
+    data = tmp_path / "imgs"
+    write_images(data, ["a.png", "b.png"], size=36)
+    registry = build_registry(extra_plugins=[("toy", _toy_plugin())])
+    _cli_registry(monkeypatch, registry)
+    out = tmp_path / "out"
+    for name in ("good", "corrupt", "old-schema"):
+        assert _cli_run(data, out, "--explainers", "gradcam", "--name", name) == 0
+    corrupt = RunFolder(out / "corrupt")
+    lines = corrupt.rows_path.read_bytes().split(b"\n")
+    lines[1] = lines[1][:40]  # the hand-edit that left an unterminated string
+    corrupt.rows_path.write_bytes(b"\n".join(lines))
+    header = json.loads((out / "old-schema" / "run.json").read_text())
+    header["schema_version"] = 0
+    (out / "old-schema" / "run.json").write_text(json.dumps(header))
+    capsys.readouterr()
+
+    skipped = []
+    markdown, _ = leaderboard.render(out, skipped)
+    assert "## good" in markdown
+    assert any(f"{corrupt.rows_path}:2: not valid JSON" in problem for problem in skipped)
+    assert any("schema version 0" in problem for problem in skipped)
+    assert f"{corrupt.rows_path}:2" in markdown  # listed in the leaderboard itself
+
+    # a later run in the same folder succeeds, prints its summary and names the bad sibling
+    assert _cli_run(data, out, "--explainers", "gradcam", "--name", "later") == 0
+    err = capsys.readouterr().err
+    assert "records in" in err and f"{corrupt.rows_path}:2" in err
+    assert "## later" in (out / "LEADERBOARD.md").read_text()
+
+    assert main(["leaderboard", str(out), "--check"]) == 1
+    assert f"{corrupt.rows_path}:2" in capsys.readouterr().err
+    with pytest.raises(UserError, match=rf"rows.jsonl:2: not valid JSON.*xbench check"):
+        list(corrupt.rows())
+
+    # xbench check names each bad line (JSON, schema, progress log) and passes a sound run
+    assert main(["check", str(out / "good")]) == 0
+    lines[3] = re.sub(rb'"index": \d+', b'"index": "one"', lines[3])
+    corrupt.rows_path.write_bytes(b"\n".join(lines))
+    with corrupt.progress_path.open("ab") as handle:
+        handle.write(b'{"unit": "batch000009:gradcam:head", "rows_bytes": 3}\n')
+    assert main(["check", str(out / "corrupt"), str(out / "old-schema")]) == 1
+    err = capsys.readouterr().err
+    assert f"{corrupt.rows_path}:2: not valid JSON" in err
+    assert f"{corrupt.rows_path}:4: field 'index' has str 'one'" in err
+    assert f"{corrupt.progress_path}:5: rows_bytes 3 goes back" in err
+    assert "schema version 0" in err
+
+
+# -- outputs that cannot be written ------------------------------------------------------------
+
+def test_unwritable_outputs_fail_at_once_before_loading_anything(tmp_path, monkeypatch, capsys):
+    from xbench.cli import main
+
+    data = tmp_path / "imgs"
+    write_images(data, ["a.png"], size=36)
+    registry = build_registry(extra_plugins=[("toy", _toy_plugin())])
+
+    def no_loading(self):
+        raise AssertionError("the model was loaded before the output folder was checked")
+
+    monkeypatch.setattr(Runner, "_load_model", no_loading)
+    a_file = tmp_path / "file"
+    a_file.write_text("not a folder")
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "taken").write_text("a file where the run folder goes")
+    # /proc takes no new folders, even from root; a file as --out; a file as the run folder
+    for out, name in [(Path("/proc/x"), None), (a_file, None), (tmp_path / "out", "taken")]:
+        started = time.perf_counter()
+        with pytest.raises(UserError, match="cannot write results to"):
+            Runner(_config(data), registry, out, name=name).run()
+        assert time.perf_counter() - started < 1
+    with pytest.raises(UserError, match=r"--name '../x'.*inside --out"):
+        Runner(_config(data), registry, tmp_path / "out", name="../x")
+    _cli_registry(monkeypatch, registry)
+    assert _cli_run(data, a_file, "--explainers", "gradcam") == 2
+    assert "cannot write results to" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+
+def test_overwrite_removes_everything_the_old_run_wrote(tmp_path):
+    data = tmp_path / "imgs"
+    write_images(data, ["a.png", "b.png"], size=36)
+    registry = build_registry(extra_plugins=[("toy", _toy_plugin())])
+    folder = Runner(_config(data), registry, tmp_path / "out").run().folder
+    assert list((folder.path / "maps").iterdir())
+    (folder.path / "report.html").write_text("<html>old run</html>")
+    (folder.path / "shards" / "rank001").mkdir(parents=True)
+    config = _config(data, save_maps=False, explainers="layercam")
+    Runner(config, registry, tmp_path / "out").run(overwrite=True)
+    assert sorted(p.name for p in folder.path.iterdir()) == ["progress.jsonl", "rows.jsonl",
+                                                             "run.json"]
+    assert {r.explainer for r in folder.rows()} == {"", "layercam"}
+
+
+# -- failures the console must explain -------------------------------------------------------
+
+class _Raises(xbench.Explainer):
+    name = "raises"
+    needs_gradients = False
+    uses_layer = False
+
+    def explain(self, model, images, targets):
+        raise ValueError("boom")
+
+
+def test_a_layer_without_a_spatial_map_is_refused_before_set_up(tmp_path, monkeypatch):
+    data = tmp_path / "imgs"
+    write_images(data, ["a.png"], size=36)
+    registry = build_registry(extra_plugins=[("toy", _toy_plugin())])
+
+    def no_engine(self, handle):
+        raise AssertionError("the engine was set up before the layers were checked")
+
+    monkeypatch.setattr(Runner, "_start_engine", no_engine)
+    with pytest.raises(UserError, match="has no spatial map") as refused:
+        Runner(_config(data, layers="fc"), registry, tmp_path / "out").run()
+    assert "block.1, block, head" in str(refused.value) and "'head'" in str(refused.value)
+    with pytest.raises(UserError, match="model has no layer 'nope'") as unknown:
+        Runner(_config(data, layers="nope"), registry, tmp_path / "out2").run()
+    hint = str(unknown.value)
+    assert "pool" in hint and "fc" not in hint  # only layers a CAM can use are suggested
+
+
+def test_the_summary_says_why_cells_failed_and_both_counts_agree(tmp_path, monkeypatch, capsys):
+    data = tmp_path / "imgs"
+    write_images(data, ["a.png", "b.png"], size=36)
+    (data / "c.png").write_text("not an image")
+
+    @xbench.hookimpl
+    def register_explainers(register):
+        register(_Raises)
+
+    registry = build_registry(extra_plugins=[
+        ("toy", _toy_plugin()),
+        ("raises", types.SimpleNamespace(register_explainers=register_explainers))])
+    _cli_registry(monkeypatch, registry)
+    assert _cli_run(data, tmp_path / "out", "--explainers", "raises,gradcam") == 1
+    captured = capsys.readouterr()
+    assert "2 failed cells, 1 unreadable images; most frequent reasons:" in captured.out
+    assert "2x raises: explainer 'raises' on a.png: ValueError: boom" in captured.out
+    assert "1x reading images: cannot read" in captured.out
+    assert "2 failed cells, 1 unreadable images in" in captured.err
+
+
+# -- xbench explain ------------------------------------------------------------------------------
+
+def test_explain_refuses_a_missing_output_folder_and_a_flat_layer(tmp_path, monkeypatch, capsys):
+    from xbench.cli import main
+
+    image = write_images(tmp_path / "imgs", ["a.png"], size=36)[0]
+    _cli_registry(monkeypatch, build_registry(extra_plugins=[("toy", _toy_plugin())]))
+    common = ["explain", str(image), "--model", "toy-cnn", "--device", "cpu"]
+    assert main(common + ["-o", str(tmp_path / "missing" / "x.png")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert main(common + ["--layer", "fc", "-o", str(tmp_path / "x.png")]) == 2
+    assert "has no spatial map" in capsys.readouterr().err
+    assert main(common + ["-o", str(tmp_path / "x.png")]) == 0
+
+
+# -- time per image and host load ---------------------------------------------------------------
+
+def test_time_is_per_image_with_the_batch_time_kept_and_host_load_recorded(tmp_path,
+                                                                           monkeypatch, capsys):
+    data = tmp_path / "imgs"
+    write_images(data, ["a.png", "b.png", "c.png"], size=36)
+    registry = build_registry(extra_plugins=[("toy", _toy_plugin())])
+    monkeypatch.setattr(os, "getloadavg", lambda: (64.0, 32.0, 16.0))
+    summary = Runner(_config(data, metrics="time,forward-passes", batch_size=2), registry,
+                     tmp_path / "out").run()
+    rows = [r for r in summary.folder.rows() if r.explainer == "gradcam"]
+    timed = [r for r in rows if r.metric == "time"]
+    assert [r.batch_images for r in timed] == [2, 2, 1]
+    assert all(r.value == pytest.approx(r.batch_seconds / r.batch_images) for r in timed)
+    assert timed[0].batch_seconds == timed[1].batch_seconds
+    assert all(r.batch_seconds is None for r in rows if r.metric != "time")
+    load = summary.folder.header().host_load
+    assert load["start"] == load["end"] == [64.0, 32.0, 16.0]
+    assert load["cores"] == os.cpu_count() and summary.host_overloaded
+    _cli_registry(monkeypatch, registry)
+    assert _cli_run(data, tmp_path / "cli", "--explainers", "gradcam") == 0
+    assert "timings of a busy host are not comparable" in capsys.readouterr().err
+
+
+# -- progress ------------------------------------------------------------------------------------
+
+def test_progress_labels_the_running_unit_and_weighs_it_by_its_forward_passes(tmp_path):
+    import contextlib
+
+    data = tmp_path / "imgs"
+    write_images(data, ["a.png", "b.png"], size=36)
+    registry = build_registry(extra_plugins=[("toy", _toy_plugin())])
+    calls = []
+
+    @contextlib.contextmanager
+    def recorder(total, completed=0, description=""):
+        calls.append(("total", total))
+        yield lambda running, amount=0, completed=None: calls.append((running, amount))
+
+    config = _config(data, explainers="gradcam,rise", metrics="forward-passes",
+                     options=("rise.n_masks=40",))
+    Runner(config, registry, tmp_path / "out", progress=recorder).run()
+    metrics = 1
+    weights = {"images": 1, "gradcam @head": 1 + metrics, "rise": 40 + metrics}
+    expected = [("total", 2 * sum(weights.values()))]
+    for index in range(2):
+        for unit, weight in weights.items():
+            expected += [(f"batch {index}: {unit}", 0), (f"batch {index}: {unit}", weight)]
+    assert calls == expected
+
+
 # -- records written by another schema version ----------------------------------------------
 
 def test_results_from_another_schema_version_are_refused_clearly(tmp_path):
@@ -258,5 +547,6 @@ def test_results_from_another_schema_version_are_refused_clearly(tmp_path):
         Runner(_config(data), registry, tmp_path / "out").run(resume=True)
     from xbench import leaderboard
 
-    with pytest.raises(UserError, match="schema version 0"):
-        leaderboard.render(tmp_path / "out")
+    skipped = []
+    leaderboard.render(tmp_path / "out", skipped)  # listed, not fatal: other runs still show
+    assert len(skipped) == 1 and "schema version 0" in skipped[0]

@@ -28,12 +28,13 @@ def _config(data, **overrides) -> RunConfig:
 
 
 def _comparable(folder: RunFolder) -> list[dict]:
-    """Rows as dicts, with the measured wall time (the one non-deterministic value) removed."""
+    """Rows as dicts, with the measured wall time (the one non-deterministic value, per image
+    and per batch) removed."""
     out = []
     for row in folder.rows():
         data = json.loads(row.to_json())
         if data["metric"] == "time":
-            data["value"] = None
+            data["value"] = data["batch_seconds"] = None
         out.append(data)
     return out
 

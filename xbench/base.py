@@ -60,6 +60,11 @@ class Explainer(ABC):
         metric ``<explainer>:<name>`` and no better direction. Default: none."""
         return {}
 
+    def expected_forward_passes(self, model: ClassifierHandle) -> int:
+        """Forward passes :meth:`explain` is expected to spend per image, known before it runs
+        (progress and ETA weigh units by it). Default 1: one forward (and its backward)."""
+        return 1
+
     def prepare(self, model: ClassifierHandle, image_shape: tuple[int, int, int]) -> None:
         """Optional one-time set-up (e.g. RISE's shared masks), called once per run before any
         timed explanation so its cost is not billed to the first image. Default: nothing."""

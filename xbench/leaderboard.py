@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from xbench.errors import UserError
 from xbench.records import ResultRow, RunFolder, RunHeader, find_runs
 from xbench.stats import bootstrap_ci, significantly_different
 
@@ -252,24 +253,38 @@ LEGEND = (
 )
 
 
-def render(results: Path) -> tuple[str, str]:
-    """(LEADERBOARD.md text, leaderboard.csv text) for all runs under ``results``."""
-    sections, tables = [], []
+def render(results: Path, skipped: list[str] | None = None) -> tuple[str, str]:
+    """(LEADERBOARD.md text, leaderboard.csv text) for all runs under ``results``.
+
+    A run whose records cannot be read (a corrupt line, another schema version) is left out
+    and listed under "Skipped runs" with the file and line; its message is appended to
+    ``skipped`` when given. One broken run never hides the others."""
+    sections, tables, problems = [], [], []
     for folder in find_runs(results):
-        text, table = run_section(folder)
+        try:
+            text, table = run_section(folder)
+            table.insert(0, "run", folder.header().run_name)
+        except UserError as exc:
+            problems.append(str(exc))
+            continue
         sections.append(text)
-        table.insert(0, "run", folder.header().run_name)
         tables.append(table)
     markdown = "# xbench leaderboard\n\n" + LEGEND + "\n\n" + "\n".join(sections)
     if not sections:
         markdown += "No runs yet: `xbench run` writes one.\n"
+    if problems:
+        markdown += ("\n## Skipped runs (records not readable)\n\n"
+                     + "".join(f"- {problem}\n" for problem in problems))
+    if skipped is not None:
+        skipped.extend(problems)
     frame = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame()
     csv = frame.to_csv(index=False, float_format="%.6g", lineterminator="\n")
     return markdown.rstrip("\n") + "\n", csv
 
 
-def write(results: Path) -> list[Path]:
-    markdown, csv = render(results)
+def write(results: Path, skipped: list[str] | None = None) -> list[Path]:
+    """Write LEADERBOARD.md and leaderboard.csv; unreadable runs go to ``skipped``."""
+    markdown, csv = render(results, skipped)
     md_path, csv_path = results / LEADERBOARD_MD, results / LEADERBOARD_CSV
     md_path.write_text(markdown, encoding="utf-8")
     csv_path.write_text(csv, encoding="utf-8")
@@ -277,9 +292,12 @@ def write(results: Path) -> list[Path]:
 
 
 def check(results: Path) -> list[str]:
-    """Names of leaderboard files that differ from what the records regenerate."""
-    markdown, csv = render(results)
-    stale = []
+    """What is wrong with the committed leaderboard: the message of each run whose records
+    cannot be read (file and line), then the path of each leaderboard file that differs from
+    what the records regenerate."""
+    skipped: list[str] = []
+    markdown, csv = render(results, skipped)
+    stale = list(skipped)
     for name, expected in ((LEADERBOARD_MD, markdown), (LEADERBOARD_CSV, csv)):
         path = results / name
         if not path.exists() or path.read_text(encoding="utf-8") != expected:

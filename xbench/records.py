@@ -29,6 +29,12 @@ HEADER_FILE = "run.json"
 ROWS_FILE = "rows.jsonl"
 PROGRESS_FILE = "progress.jsonl"
 LOCK_FILE = "LOCK"
+#: everything a run writes into its folder (``--overwrite`` removes all of it)
+RUN_OUTPUTS = (HEADER_FILE, ROWS_FILE, PROGRESS_FILE, "run.tmp", "maps", "shards", "report.html")
+
+
+class RecordError(UserError):
+    """A run's records cannot be read: the message names the file and line."""
 
 
 @dataclass(frozen=True)
@@ -47,6 +53,9 @@ class RunHeader:
     plugins: dict[str, str]
     units_total: int
     world_size: int = 1
+    #: host load: {"cores": N, "start": [1, 5, 15 min], "end": [...]} (end written when the
+    #: run ends); timings from a host loaded past its cores are not comparable
+    host_load: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True) + "\n"
@@ -106,6 +115,10 @@ class ResultRow:
     versions: str = ""
     #: per-image curve of the metric (insertion/deletion), rounded; None for scalar metrics
     curve: tuple[float, ...] | None = None
+    #: wall time of the explain call that produced this row's map, for all images of its
+    #: batch; the ``time`` metric is this divided by ``batch_images`` (None: not explained)
+    batch_seconds: float | None = None
+    batch_images: int | None = None
 
     @property
     def column(self) -> str:
@@ -145,7 +158,10 @@ class RunFolder:
         return RunHeader.from_file(self.header_path)
 
     def acquire_lock(self) -> None:
-        """Refuse to share the folder with another writer (a second run on the same --out)."""
+        """Refuse to share the folder with another writer (a second run on the same --out).
+
+        Taken (O_EXCL) before anything reads the folder's state and held until the run ends,
+        so two runs started together cannot both find it free."""
         self.path.mkdir(parents=True, exist_ok=True)
         lock = self.path / LOCK_FILE
         try:
@@ -167,12 +183,43 @@ class RunFolder:
             self._lock_fd = None
             (self.path / LOCK_FILE).unlink(missing_ok=True)
 
+    def probe_writable(self) -> None:
+        """Create the folder and a probe file in it, or raise UserError saying why not (run
+        before anything expensive, so an unwritable ``--out`` fails at once)."""
+        probe = self.path / f".probe-{os.getpid()}"
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            probe.write_bytes(b"probe")
+            probe.unlink()
+        except OSError as exc:
+            reason = exc.strerror or str(exc)
+            if isinstance(exc, (FileExistsError, NotADirectoryError)):
+                reason = "a file, not a folder, is in the way"
+            raise UserError(f"cannot write results to {self.path}: {reason} "
+                            f"({exc.filename or self.path}). Choose a writable --out folder "
+                            f"(and --name).") from exc
+
+    def clear_outputs(self) -> None:
+        """Remove everything an earlier run wrote here (rows, progress, maps, shards, report)."""
+        import shutil
+
+        for name in RUN_OUTPUTS:
+            path = self.path / name
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            else:
+                path.unlink(missing_ok=True)
+
     def write_header(self, header: RunHeader) -> None:
+        self.update_header(header)
+        for path in (self.rows_path, self.progress_path):
+            path.write_bytes(b"")
+
+    def update_header(self, header: RunHeader) -> None:
+        """Atomically replace run.json (rows and progress untouched)."""
         tmp = self.header_path.with_suffix(".tmp")
         tmp.write_text(header.to_json(), encoding="utf-8")
         os.replace(tmp, self.header_path)
-        for path in (self.rows_path, self.progress_path):
-            path.write_bytes(b"")
 
     def _read_progress(self) -> tuple[dict[str, int], int, int]:
         """({unit: rows-file size after it}, bytes of complete progress lines, file size)."""
@@ -230,8 +277,93 @@ class RunFolder:
         limit = max(self.finished_units().values(), default=0)
         with self.rows_path.open("rb") as handle:
             data = handle.read(limit)
-        for line in data.splitlines():
-            yield ResultRow(**json.loads(line))
+        for number, line in enumerate(data.splitlines(), start=1):
+            row, problem = parse_row(line)
+            if problem:
+                raise RecordError(f"{self.rows_path}:{number}: {problem}. Check the run with "
+                                  f"`xbench check {self.path}`; re-run it with --overwrite or "
+                                  f"move it out of the results folder.")
+            yield row
+
+    def verify(self) -> list[str]:
+        """Every problem of the run's records, one ``FILE:LINE: what`` per bad line: the
+        header, each progress line (JSON, unit, rows_bytes growing and on a line boundary)
+        and each rows line (JSON, the ResultRow fields and types); [] when all are sound."""
+        try:
+            self.header()
+        except UserError as exc:
+            return [str(exc)]
+        problems: list[str] = []
+        ends: list[int] = []
+        raw = self.progress_path.read_bytes() if self.progress_path.exists() else b""
+        for number, line in enumerate(raw.splitlines(keepends=True), start=1):
+            where = f"{self.progress_path}:{number}"
+            try:
+                entry = json.loads(line)
+                unit, end = entry["unit"], entry["rows_bytes"]
+                if not isinstance(unit, str) or not isinstance(end, int):
+                    raise TypeError("unit must be a string and rows_bytes an integer")
+            except (ValueError, KeyError, TypeError) as exc:
+                problems.append(f"{where}: not a progress entry ({type(exc).__name__}: {exc})")
+                continue
+            if not line.endswith(b"\n"):
+                problems.append(f"{where}: torn (no newline); --resume cuts it")
+            if ends and end < ends[-1]:
+                problems.append(f"{where}: rows_bytes {end} goes back from {ends[-1]}")
+            ends.append(end)
+        data = self.rows_path.read_bytes() if self.rows_path.exists() else b""
+        boundaries, offset = set(), 0
+        for number, line in enumerate(data.splitlines(keepends=True), start=1):
+            offset += len(line)
+            boundaries.add(offset)
+            _, problem = parse_row(line)
+            if problem:
+                problems.append(f"{self.rows_path}:{number}: {problem}")
+            elif offset > max(ends, default=0):
+                problems.append(f"{self.rows_path}:{number}: after the last finished unit (a "
+                                f"torn unit; --resume redoes it)")
+        for number, end in enumerate(ends, start=1):
+            if end and end not in boundaries:
+                problems.append(f"{self.progress_path}:{number}: rows_bytes {end} is not the end "
+                                f"of a line of {self.rows_path.name} ({len(data)} bytes)")
+        return problems
+
+
+_ROW_FIELDS = {f.name: f for f in dataclasses.fields(ResultRow)}
+_REQUIRED = {name for name, f in _ROW_FIELDS.items()
+             if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING}
+_TYPES = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,),
+          "tuple": (list, tuple)}
+
+
+def parse_row(line: bytes) -> tuple[ResultRow | None, str]:
+    """(row, '') or (None, what is wrong with this JSON line)."""
+    try:
+        data = json.loads(line)
+    except (ValueError, UnicodeDecodeError) as exc:
+        return None, f"not valid JSON ({exc})"
+    if not isinstance(data, dict):
+        return None, f"not a JSON object but {type(data).__name__}"
+    missing = sorted(_REQUIRED - set(data))
+    unknown = sorted(set(data) - set(_ROW_FIELDS))
+    if missing or unknown:
+        return None, ("not a result row of schema version "
+                      f"{SCHEMA_VERSION}: " + "; ".join(
+                          part for part in (f"missing {', '.join(missing)}" if missing else "",
+                                            f"unknown {', '.join(unknown)}" if unknown else "")
+                          if part))
+    for name, value in data.items():
+        allowed = _allowed_types(str(_ROW_FIELDS[name].type))
+        if value is None and "None" in str(_ROW_FIELDS[name].type):
+            continue
+        if not isinstance(value, allowed) or (bool not in allowed and isinstance(value, bool)):
+            return None, f"field {name!r} has {type(value).__name__} {value!r}"
+    return ResultRow(**data), ""
+
+
+def _allowed_types(annotation: str) -> tuple[type, ...]:
+    return tuple(t for key, types in _TYPES.items() if annotation.startswith(key)
+                 or f"| {key}" in annotation for t in types)
 
 
 def _pid_alive(pid: int) -> bool:

@@ -14,6 +14,8 @@ import dataclasses
 import functools
 import inspect
 import math
+import os
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -82,6 +84,46 @@ class RunSummary:
     failed_cells: int
     failed_images: int
     messages: list[str] = field(default_factory=list)
+    unit_order: list[str] = field(default_factory=list, repr=False)
+    #: the most frequent failure reasons: (count, explainer, layer, first message)
+    failure_reasons: list[tuple[int, str, str, str]] = field(default_factory=list)
+
+    def count_failures(self) -> None:
+        """Failure counts and reasons of the whole run, read back from its records (so the
+        summary, the matrix and the leaderboard count the same rows)."""
+        self.failed_cells, self.failed_images, self.failure_reasons = \
+            failure_report(self.folder.rows())
+
+    @property
+    def host_overloaded(self) -> bool:
+        """Whether the 1-minute load exceeded the host's cores at the start or the end."""
+        load, cores = self.header.host_load, self.header.host_load.get("cores") or 0
+        peaks = [values[0] for key in ("start", "end") for values in [load.get(key)] if values]
+        return bool(cores and peaks and max(peaks) > cores)
+
+
+def failure_report(rows: Any, top: int = 3) -> tuple[int, int, list[tuple[int, str, str, str]]]:
+    """(failed cells, unreadable images, the ``top`` most frequent reasons) of ``rows``.
+
+    A failed cell is a failed row of an explainer or of a model-scope metric; an unreadable
+    image is a failed image row (explainer and metric empty). Reasons are grouped by
+    (explainer, layer, message with the image id taken out), most frequent first; each with
+    its first message as written."""
+    cells = images = 0
+    groups: Counter = Counter()
+    first: dict[tuple[str, str, str], str] = {}
+    for row in rows:
+        if row.status == "ok":
+            continue
+        if row.explainer == "" and row.metric in ("", "confidence"):
+            images += 1
+        else:
+            cells += 1
+        key = (row.explainer, row.layer, row.error.replace(row.image, "<image>"))
+        groups[key] += 1
+        first.setdefault(key, row.error)
+    reasons = [(count, key[0], key[1], first[key]) for key, count in groups.most_common(top)]
+    return cells, images, reasons
 
 
 def parse_options(items: tuple[str, ...]) -> dict[str, dict[str, Any]]:
@@ -154,6 +196,11 @@ class Runner:
                                 f"metric or the model.{did_you_mean(plugin, known)}")
         self.run_name = name or self._default_name()
         self.folder = RunFolder(out / self.run_name)
+        inside = Path(os.path.normpath(self.folder.path))
+        if Path(self.run_name).is_absolute() or inside.parent != Path(os.path.normpath(out)):
+            raise UserError(f"--name {self.run_name!r}: a run name is one folder name inside "
+                            f"--out {out} (no '/', '..' or absolute path); use --out to choose "
+                            f"where runs go.")
         self.progress = progress
 
     # -- set-up -------------------------------------------------------------------------
@@ -194,12 +241,14 @@ class Runner:
     def _layers(self, handle: ClassifierHandle) -> list[str]:
         spec = self.config.layers
         if spec in (None, "", "last"):
-            return [handle.default_layer]
-        if spec == "all":
-            return block_layers(handle)
-        layers = [s.strip() for s in spec.split(",") if s.strip()]
-        for layer in layers:
-            handle.layer(layer)  # raises with "did you mean" for unknown names
+            layers = [handle.default_layer]
+        elif spec == "all":
+            layers = block_layers(handle)
+        else:
+            layers = [s.strip() for s in spec.split(",") if s.strip()]
+        if any(self.registry.explainer(name).uses_layer for name in self.explainer_names):
+            for layer in layers:  # before any set-up: unknown names, layers with no spatial map
+                handle.layer(layer)
         return layers
 
     def _explainers(self, layers: list[str]) -> list[tuple[str, Explainer]]:
@@ -270,45 +319,70 @@ class Runner:
         rank, world = shard
         tune_allocator()
         torch.manual_seed(self.config.seed)
+        writer = self.folder if world == 1 else self.folder.shard(rank)
+        # Before anything slow: an unwritable --out fails at once, and the lock is taken before
+        # the folder's state is read, so a second run started meanwhile cannot also find it free.
+        writer.probe_writable()
+        writer.acquire_lock()
+        try:
+            summary = self._run_locked(writer, resume, overwrite, rank, world)
+        finally:
+            writer.release_lock()
+        distributed.barrier(world)
+        if world > 1 and rank == 0:
+            distributed.merge_shards(self.folder, world, summary.unit_order)
+        if rank == 0:
+            summary.count_failures()
+        return summary
+
+    def _run_locked(self, writer: RunFolder, resume: bool, overwrite: bool, rank: int,
+                    world: int) -> RunSummary:
+        from xbench import distributed
+
         self._check_folder(resume, overwrite)
+        load_start = _load_average()
         handle = self._load_model()
         layers = self._layers(handle)
         explainers = self._explainers(layers)
         metrics = self._metrics()
         batches = self.batches()
         units_total = len(batches) * (1 + len(explainers))
-        header = dataclasses.replace(self._header(handle, units_total, layers), world_size=world)
+        header = dataclasses.replace(self._header(handle, units_total, layers), world_size=world,
+                                     host_load={"cores": os.cpu_count(), "start": load_start})
         engine = self._start_engine(handle)
         header = dataclasses.replace(header, environment={**header.environment, "engine": engine})
         if resume and self.folder.exists():
             self._check_same_run(header)
         distributed.barrier(world)  # every rank has checked the folder before anyone writes
-        writer = self.folder if world == 1 else self.folder.shard(rank)
-        writer.acquire_lock()
-        try:
-            if resume and writer.exists():
-                done = writer.completed_units()
-            else:
-                if rank == 0 and world > 1:
-                    self.folder.write_header(header)
-                writer.write_header(header)
-                done = {}
-            summary = RunSummary(self.folder, header, 0, len(done), 0, 0)
-            self._warm_up(handle, explainers)
-            mine = [b for b in batches if b[0] % world == rank]
-            progress_total = units_total if world > 1 else len(mine) * (1 + len(explainers))
-            with self._progress(progress_total, rank, world) as advance:
-                for index, items in mine:
-                    self._run_batch(handle, index, items, explainers, metrics, done, summary,
-                                    writer, advance)
-        finally:
-            writer.release_lock()
-        distributed.barrier(world)
-        if world > 1 and rank == 0:
-            order = [unit for index, _ in batches
-                     for unit in [self._data_unit(index)]
-                     + [self._unit(index, e, layer) for layer, e in explainers]]
-            distributed.merge_shards(self.folder, world, order)
+        if resume and writer.exists():
+            done = writer.completed_units()
+            stored = self.folder.header()
+        else:
+            if world == 1:  # (a sharded run's ranks have their lock files under shards/ now)
+                self.folder.clear_outputs()  # --overwrite: nothing of the old run survives
+            if rank == 0 and world > 1:
+                self.folder.write_header(header)
+            writer.write_header(header)
+            done, stored = {}, header
+        order = [unit for index, _ in batches
+                 for unit in [self._data_unit(index)]
+                 + [self._unit(index, e, layer) for layer, e in explainers]]
+        summary = RunSummary(self.folder, header, 0, len(done), 0, 0, unit_order=order)
+        self._warm_up(handle, explainers)
+        mine = [b for b in batches if b[0] % world == rank]
+        weights = self._unit_weights(handle, explainers)
+        if world > 1:
+            progress_total = units_total
+        else:
+            progress_total = len(mine) * sum(weights.values())
+        with self._progress(progress_total, rank, world) as progress:
+            for index, items in mine:
+                self._run_batch(handle, index, items, explainers, metrics, done, summary,
+                                writer, progress, weights)
+        host_load = {**header.host_load, "end": _load_average()}
+        summary.header = dataclasses.replace(header, host_load=host_load)
+        if world == 1 or rank == 0:
+            _write_safely(self.folder, dataclasses.replace(stored, host_load=host_load))
         return summary
 
     def _check_folder(self, resume: bool, overwrite: bool) -> None:
@@ -353,20 +427,35 @@ class Runner:
             explainer.prepare(handle, shape)
         handle.zero_grad(set_to_none=True)
 
+    def _unit_weights(self, handle: ClassifierHandle,
+                      explainers: list[tuple[str, Explainer]]) -> dict[str, int]:
+        """Expected forward passes of each unit of a batch (unit label -> passes), known before
+        it runs: the data unit classifies each image once; an explainer unit costs its
+        explainer's passes per image plus one per metric (so a RISE unit weighs hundreds of
+        Grad-CAM units in the progress and its ETA)."""
+        per_metric = len(self.metric_names)
+        weights = {"images": self.config.batch_size}
+        for layer, explainer in explainers:
+            passes = explainer.expected_forward_passes(handle)
+            weights[_label(explainer, layer)] = self.config.batch_size * (passes + per_metric)
+        return weights
+
     @contextlib.contextmanager
-    def _progress(self, total: int, rank: int, world: int) -> Iterator[Callable[[str], None]]:
-        """Progress on rank 0 only; with several ranks it counts every rank's finished units."""
+    def _progress(self, total: int, rank: int, world: int) -> Iterator[Callable[..., None]]:
+        """Yields ``progress(running, done=0)``: the label of the unit now running and the
+        weight just finished. On rank 0 only; with several ranks it counts every rank's
+        finished units."""
         if self.progress is None or rank != 0:
-            yield lambda what, completed=None: None
+            yield lambda running, done=0: None
             return
         with self.progress(total=total, completed=0, description=self.run_name) as advance:
             if world == 1:
-                yield advance
+                yield lambda running, done=0: advance(running, amount=done)
                 return
             from xbench import distributed
 
-            def advance_global(what: str) -> None:
-                advance(what, completed=distributed.finished_units(self.folder, world))
+            def advance_global(running: str, done: float = 0) -> None:
+                advance(running, completed=distributed.finished_units(self.folder, world))
 
             yield advance_global
 
@@ -400,27 +489,29 @@ class Runner:
     def _run_batch(self, handle: ClassifierHandle, index: int, items: tuple[ImageItem, ...],
                    explainers: list[tuple[str, Explainer]], metrics: list[Metric],
                    done: dict[str, int], summary: RunSummary, writer: RunFolder,
-                   advance: Callable[..., None]) -> None:
+                   progress: Callable[..., None], weights: dict[str, int]) -> None:
         base = self._base_row(handle)
         data_unit = self._data_unit(index)
         pending = [(layer, e) for layer, e in explainers
                    if self._unit(index, e, layer) not in done]
         if data_unit in done and not pending:
-            for _ in range(1 + len(explainers)):
-                advance("skipped (done)")
+            progress("skipped (done)", sum(weights.values()))
             return
+        progress(f"batch {index}: images")
         loaded, data_rows = self._load_batch(handle, items, base)
         if data_unit not in done:
             data_rows += self._score_model(handle, loaded, metrics, base)
             _append(writer, data_unit, data_rows)
             summary.units_done += 1
             summary.failed_images += sum(r.status != "ok" for r in data_rows)
-        advance("images")
+        progress(f"batch {index}: images", weights["images"])
         for layer, explainer in explainers:
             unit = self._unit(index, explainer, layer)
+            label = _label(explainer, layer)
             if unit in done:
-                advance("skipped (done)")
+                progress("skipped (done)", weights[label])
                 continue
+            progress(f"batch {index}: {label}")
             previews: dict[str, np.ndarray] = {}
             rows = self._explain_unit(handle, loaded, explainer, layer,
                                       [m for m in metrics if m.kind != "model"], base, previews)
@@ -429,7 +520,7 @@ class Runner:
             _append(writer, unit, rows)
             summary.units_done += 1
             summary.failed_cells += sum(r.status != "ok" for r in rows)
-            advance(explainer.name)
+            progress(f"batch {index}: {label}", weights[label])
 
     def _score_model(self, handle: ClassifierHandle, batch: dict[str, Any] | None,
                      metrics: list[Metric], base: dict[str, Any]) -> list[ResultRow]:
@@ -561,9 +652,14 @@ class Runner:
             explain_forward=per_image(counts["forward"]),
             explain_backward=per_image(counts["backward"]),
             explain_seconds=per_image(watch.seconds))
+        # a timing metric's rows keep the batch's time (their value is its per-image share);
+        # other rows stay free of timings, so they are reproducible byte for byte
+        timed = {**base, "batch_seconds": watch.seconds, "batch_images": n}
         rows: list[ResultRow] = []
         for metric in metrics:
-            rows.extend(self._score(metric, metric_batch, batch, explainer, layer, base))
+            is_timing = metric.kind == "cost" and getattr(metric, "unit", "") == "s"
+            rows.extend(self._score(metric, metric_batch, batch, explainer, layer,
+                                    timed if is_timing else base))
         for key, values in explainer.diagnostics().items():
             rows.extend(self._row(base, item, int(batch["predicted"][i]), int(batch["targets"][i]),
                                   explainer.name, explainer.variant, layer,
@@ -608,6 +704,25 @@ class Runner:
                                           status="failed", degenerate=degenerate,
                                           error=f"metric {metric.name!r} gave {value}"))
         return rows
+
+
+def _label(explainer: Explainer, layer: str) -> str:
+    return explainer.name if layer == "-" else f"{explainer.name} @{layer}"
+
+
+def _load_average() -> list[float] | None:
+    try:
+        return [round(value, 2) for value in os.getloadavg()]
+    except OSError:  # not available on this platform
+        return None
+
+
+def _write_safely(folder: RunFolder, header: RunHeader) -> None:
+    """Record the end-of-run header; the rows are safe already, so a failure only warns."""
+    try:
+        folder.update_header(header)
+    except OSError:
+        pass
 
 
 def map_previews(saliency: torch.Tensor, size: int = PREVIEW_SIZE) -> np.ndarray:

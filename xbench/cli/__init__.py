@@ -26,6 +26,7 @@ SUBCOMMANDS = {
     "similarity": ("xbench.cli.similarity",
                    "neuron similarity values from class average images (Wang 2022)"),
     "report": ("xbench.cli.report", "write a self-contained HTML report of a run"),
+    "check": ("xbench.cli.check", "validate every line of a run's records against the schema"),
 }
 
 

@@ -42,9 +42,13 @@ def run(args: argparse.Namespace) -> int:
     path = Path(args.image)
     if not path.is_file():
         raise UserError(f"{path}: no such image file")
+    _check_writable(Path(args.output))
+    explainer_cls = registry.explainer(args.explainer)
     device = resolve_device(args.device)
     loaded = registry.model(args.model)(weights=args.weights).load()
     handle = ClassifierHandle(loaded, device, name=args.model)
+    if explainer_cls.uses_layer:
+        handle.layer(args.layer)  # unknown, or no spatial map: refused before explaining
     try:
         image = load_image(path, loaded.resize_size, loaded.input_size)[None].to(device)
     except Exception as exc:  # noqa: BLE001
@@ -53,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
     target = int(probs.argmax()) if args.target is None else args.target
     if not 0 <= target < handle.num_classes:
         raise UserError(f"--target {target}: must be a class index in [0, {handle.num_classes})")
-    explainer = registry.explainer(args.explainer)(layer=args.layer, seed=args.seed)
+    explainer = explainer_cls(layer=args.layer, seed=args.seed)
     grad = torch.enable_grad() if explainer.needs_gradients else torch.no_grad()
     with grad:
         maps = explainer.explain(handle, image, torch.tensor([target], device=device))
@@ -66,7 +70,25 @@ def run(args: argparse.Namespace) -> int:
                    + (" [degenerate map]" if bool(degenerate[0]) else ""), fontsize=9)
     axis.axis("off")
     figure.tight_layout()
-    figure.savefig(args.output)
-    plt.close(figure)
+    try:
+        figure.savefig(args.output)
+    except OSError as exc:
+        raise UserError(f"-o {args.output}: cannot write the PNG: {exc.strerror or exc}") from exc
+    finally:
+        plt.close(figure)
     print(args.output)
     return 0
+
+
+def _check_writable(output: Path) -> None:
+    """Refuse an output the PNG cannot be written to, before loading the model."""
+    folder = output.parent
+    if not folder.is_dir():
+        raise UserError(f"-o {output}: folder {folder} does not exist; create it or choose "
+                        f"another output path.")
+    if output.is_dir():
+        raise UserError(f"-o {output}: is a folder; give a file name such as {output / 'x.png'}")
+    import os
+
+    if not os.access(folder, os.W_OK):
+        raise UserError(f"-o {output}: folder {folder} is not writable; choose another path.")

@@ -25,14 +25,21 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"{results}: no such results folder (xbench run --out {results} makes one)")
     console = message_console()
     if args.check:
-        stale = leaderboard.check(results)
-        if stale:
-            console.print(f"[red]stale leaderboard[/]: {', '.join(stale)} differ from what the "
-                          f"records regenerate; run `xbench leaderboard {results}` and commit.",
-                          highlight=False)
+        problems = leaderboard.check(results)
+        if problems:
+            for problem in problems:
+                if problem in {str(results / name) for name in (leaderboard.LEADERBOARD_MD,
+                                                                  leaderboard.LEADERBOARD_CSV)}:
+                    problem += " differs from what the records regenerate"
+                console.print(f"[red]leaderboard check failed[/]: {problem}", highlight=False)
+            console.print(f"Fix or remove the runs named above, then run `xbench leaderboard "
+                          f"{results}` and commit.", highlight=False)
             return 1
         console.print(f"leaderboard in {results} matches its records")
         return 0
-    for path in leaderboard.write(results):
+    skipped: list[str] = []
+    for path in leaderboard.write(results, skipped):
         console.print(f"wrote {path}", highlight=False)
+    for problem in skipped:
+        console.print(f"[yellow]warning:[/] run skipped: {problem}", highlight=False)
     return 0

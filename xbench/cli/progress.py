@@ -6,28 +6,30 @@ import contextlib
 from collections.abc import Callable, Iterator
 
 from rich.console import Console
-from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
+from rich.progress import (BarColumn, Progress, TaskProgressColumn, TextColumn,
                            TimeElapsedColumn, TimeRemainingColumn)
 
 
 @contextlib.contextmanager
-def rich_progress(total: int, completed: int = 0, description: str = "") -> Iterator[Callable[[str], None]]:
-    """Yields ``advance(what, completed=None)``; draws a bar on a terminal, nothing otherwise.
-
-    ``completed`` sets the count instead of adding one (the global count of a sharded run)."""
+def rich_progress(total: float, completed: float = 0,
+                  description: str = "") -> Iterator[Callable[..., None]]:
+    """Yields ``advance(running, amount=0, completed=None)``: ``running`` labels the unit now
+    running, ``amount`` adds finished work (units weighted by their expected forward passes,
+    so the ETA is not fooled by one costly explainer); draws a bar on a terminal, nothing
+    otherwise. ``completed`` sets the count instead (the global count of a sharded run)."""
     console = Console(stderr=True)
     if not console.is_terminal:
-        yield lambda what, completed=None: None
+        yield lambda running, amount=0, completed=None: None
         return
-    columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+    columns = (TextColumn("[bold]{task.description}"), BarColumn(), TaskProgressColumn(),
                TextColumn("{task.fields[what]}"), TimeElapsedColumn(), TimeRemainingColumn())
     with Progress(*columns, console=console, transient=False) as progress:
         task = progress.add_task(description, total=total, completed=completed, what="")
 
-        def advance(what: str, completed: int | None = None) -> None:
+        def advance(running: str, amount: float = 0, completed: float | None = None) -> None:
             if completed is None:
-                progress.update(task, advance=1, what=what)
+                progress.update(task, advance=amount, what=running)
             else:
-                progress.update(task, completed=completed, what=what)
+                progress.update(task, completed=completed, what=running)
 
         yield advance

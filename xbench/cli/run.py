@@ -14,6 +14,7 @@ from xbench.cli.console import message_console, table_console
 from xbench.cli.progress import rich_progress
 from xbench.engine import ENGINES
 from xbench.plugins import build_registry
+from xbench.errors import UserError
 from xbench.runner import DTYPES, TARGET_RULES, RunConfig, Runner
 
 
@@ -98,8 +99,22 @@ def run(args: argparse.Namespace) -> int:
         return 0
     text, table = leaderboard.run_section(summary.folder)
     print_matrix(console, summary.folder, table)
+    if summary.failed_cells or summary.failed_images:
+        console.print(f"[red]{summary.failed_cells} failed cells, {summary.failed_images} "
+                      f"unreadable images[/]; most frequent reasons:", highlight=False)
+    for count, explainer, layer, message in summary.failure_reasons:
+        where = explainer or "reading images"
+        where += f" @{layer}" if layer not in ("", "-") else ""
+        console.print(f"  {count}x {where}: {message}", highlight=False)
+    # This run's records are safe on disk now: nothing below may turn it into a failure.
     if args.leaderboard:
-        leaderboard.write(out)
+        skipped: list[str] = []
+        try:
+            leaderboard.write(out, skipped)
+        except (UserError, OSError) as exc:
+            skipped.append(f"leaderboard of {out} not written: {exc}")
+        for problem in skipped:
+            err.print(f"[yellow]warning:[/] {problem}", highlight=False)
     if args.report:
         from xbench.report import write_report
 
@@ -107,6 +122,12 @@ def run(args: argparse.Namespace) -> int:
     engine = summary.header.environment.get("engine", {})
     if "failed" in engine.get("reason", ""):
         err.print(f"[yellow]warning:[/] forwards ran eagerly ({engine['reason']})", highlight=False)
+    if summary.host_overloaded:
+        load = summary.header.host_load
+        err.print(f"[yellow]warning:[/] host load (1 min) was {load.get('start', ['?'])[0]} at the "
+                  f"start and {(load.get('end') or ['?'])[0]} at the end, above its "
+                  f"{load['cores']} cores: timings of a busy host are not comparable",
+                  highlight=False)
     err.print(f"{summary.units_done} units computed, {summary.units_skipped} already done, "
               f"{summary.failed_cells} failed cells, {summary.failed_images} unreadable images "
               f"in {elapsed:.1f} s; records in {summary.folder.path}", highlight=False)
@@ -170,8 +191,3 @@ def print_matrix(console: Console, folder, table) -> None:
             rich_table.add_row(label, *(texts.get((column, *explainers[index]), "")
                                         for index in group))
         console.print(rich_table)
-    failed = leaderboard.failures(frame)
-    if not failed.empty:
-        console.print(f"[red]{len(failed)} failed cells[/], first: "
-                      f"{failed.iloc[0].image} / {failed.iloc[0].explainer}: {failed.iloc[0].error}",
-                      highlight=False)
