@@ -13,8 +13,7 @@ import torch
 import torchvision
 from torch import nn
 
-from xbench import LoadedModel, Model, hookimpl
-from xbench.errors import UserError
+from xbench import LoadedModel, Model, UserError, hookimpl
 from xbench import imagenet_class_names as class_names
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)

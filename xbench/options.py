@@ -23,6 +23,7 @@ recorded in every result row.
 from __future__ import annotations
 
 import dataclasses
+import math
 import sys
 import types
 import typing
@@ -36,15 +37,17 @@ class OptionError(UserError, ValueError):
 
 
 def option(default: Any, doc: str, *, minimum: Any = None, maximum: Any = None,
-           choices: tuple[Any, ...] | None = None, in_variant: bool = True) -> Any:
-    """Declare one option: its default, one line of doc, optional inclusive bounds or choices.
+           above: Any = None, choices: tuple[Any, ...] | None = None,
+           in_variant: bool = True) -> Any:
+    """Declare one option: its default, one line of doc, optional bounds (``minimum`` and
+    ``maximum`` inclusive, ``above`` exclusive) or choices.
 
     ``in_variant=False`` for settings that never change the output (batch sizes): they are
     left out of the plugin's ``variant``.
     """
     if isinstance(default, (list, dict, set)):
         raise TypeError("option defaults must be immutable (use a tuple)")
-    metadata = {"doc": doc, "minimum": minimum, "maximum": maximum,
+    metadata = {"doc": doc, "minimum": minimum, "maximum": maximum, "above": above,
                 "choices": tuple(choices) if choices is not None else None,
                 "in_variant": in_variant}
     return dataclasses.field(default=default, metadata=metadata)
@@ -60,6 +63,7 @@ class OptionSpec:
     doc: str
     minimum: Any = None
     maximum: Any = None
+    above: Any = None
     choices: tuple[Any, ...] | None = None
     in_variant: bool = True
 
@@ -70,19 +74,21 @@ class OptionSpec:
     def as_dict(self) -> dict[str, Any]:
         return {"name": self.name, "type": self.type_name, "default": _jsonable(self.default),
                 "doc": self.doc, "minimum": self.minimum, "maximum": self.maximum,
+                "above": self.above,
                 "choices": list(self.choices) if self.choices is not None else None,
                 "in_variant": self.in_variant}
 
     def bounds_text(self) -> str:
         if self.choices is not None:
             return "one of " + ", ".join(format_value(c) for c in self.choices)
-        if self.minimum is not None and self.maximum is not None:
-            return f"{format_value(self.minimum)} <= value <= {format_value(self.maximum)}"
+        parts = []
         if self.minimum is not None:
-            return f">= {format_value(self.minimum)}"
+            parts.append(f">= {format_value(self.minimum)}")
+        if self.above is not None:
+            parts.append(f"> {format_value(self.above)}")
         if self.maximum is not None:
-            return f"<= {format_value(self.maximum)}"
-        return ""
+            parts.append(f"<= {format_value(self.maximum)}")
+        return " and ".join(parts)
 
 
 class Options:
@@ -110,7 +116,8 @@ class Options:
                 specs.append(OptionSpec(
                     name=f.name, type=hints[f.name], default=f.default,
                     doc=meta.get("doc", ""), minimum=meta.get("minimum"),
-                    maximum=meta.get("maximum"), choices=meta.get("choices"),
+                    maximum=meta.get("maximum"), above=meta.get("above"),
+                    choices=meta.get("choices"),
                     in_variant=meta.get("in_variant", True)))
             cls._specs_cache = tuple(specs)
         return cls._specs_cache
@@ -142,8 +149,8 @@ class Options:
         try:
             value = convert(spec.type, raw)
         except ValueError as exc:
-            raise OptionError(f"{owner}: option {key} expects {spec.type_name}, got {raw!r}"
-                              f"{': ' + str(exc) if str(exc) else ''}") from None
+            raise OptionError(f"{owner}: option {key} expects {spec.type_name}, "
+                              f"got {raw!r}") from exc
         return check_value(spec, value, owner)
 
     def changed(self) -> dict[str, Any]:
@@ -241,13 +248,18 @@ def check_value(spec: OptionSpec, value: Any, owner: str) -> Any:
     if value is None:
         return value
     items = value if isinstance(value, tuple) else (value,)
+    if any(isinstance(item, float) and not math.isfinite(item) for item in items):
+        raise OptionError(f"{owner}: option {spec.name} must be a finite number, "
+                          f"got {format_value(value)}")
+    items = value if isinstance(value, tuple) else (value,)
     for item in items:
         if spec.choices is not None and item not in spec.choices:
             raise OptionError(f"{owner}: option {spec.name} must be {spec.bounds_text()}, "
                               f"got {format_value(item)}")
         low_ok = spec.minimum is None or item >= spec.minimum
         high_ok = spec.maximum is None or item <= spec.maximum
-        if not (low_ok and high_ok):
+        above_ok = spec.above is None or item > spec.above
+        if not (low_ok and high_ok and above_ok):
             raise OptionError(f"{owner}: option {spec.name} must be {spec.bounds_text()}, "
                               f"got {format_value(item)}")
     return value
