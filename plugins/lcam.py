@@ -522,3 +522,8 @@ def mean_stats(stats: Sequence[StepStats]) -> dict[str, float]:
     out["acc"] = sum(s.correct for s in stats) / total
     return out
 
+
+@hookimpl
+def register_commands(register):
+    register("train lcam", help="train an L-CAM attention head on a frozen classifier",
+             configure="xbench.cli.train_lcam:add_arguments", run="xbench.cli.train_lcam:run")

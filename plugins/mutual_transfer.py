@@ -723,3 +723,11 @@ class MutualTransferModel(Model):
 @hookimpl
 def register_models(register):
     register(MutualTransferModel)
+
+
+@hookimpl
+def register_commands(register):
+    register("train mutual-transfer",
+             help="train two students with local attention map mutual transfer",
+             configure="xbench.cli.train_mutual_transfer:add_arguments",
+             run="xbench.cli.train_mutual_transfer:run")

@@ -781,3 +781,9 @@ def register_models(register):
 @hookimpl
 def register_metrics(register):
     register(SimilarityValue)
+
+
+@hookimpl
+def register_commands(register):
+    register("similarity", help="neuron similarity values from class average images (Wang 2022)",
+             configure="xbench.cli.similarity:add_arguments", run="xbench.cli.similarity:run")

@@ -20,13 +20,11 @@ SUBCOMMANDS = {
     "plugins": "xbench.cli.plugins",
     "explain": "xbench.cli.explain",
     "plot": "xbench.cli.plot",
-    "train": "xbench.cli.train",
-    "similarity": "xbench.cli.similarity",
     "report": "xbench.cli.report",
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     from xbench import __version__
 
     parser = argparse.ArgumentParser(prog="xbench", description=(
@@ -41,7 +39,21 @@ def build_parser() -> argparse.ArgumentParser:
         except ModuleNotFoundError as exc:
             if exc.name != module:
                 raise
+    add_plugin_commands(parser, sub, sys.argv[1:] if argv is None else argv)
     return parser
+
+
+def add_plugin_commands(parser: argparse.ArgumentParser, sub, argv: list[str]) -> None:
+    """Commands plugins register (``register_commands``); ``-p no:NAME`` removes them."""
+    from xbench.commands import add_commands, collect_commands
+    from xbench.plugins import make_plugin_manager
+
+    blocked = [argv[i + 1][3:] for i, token in enumerate(argv[:-1])
+               if token == "-p" and argv[i + 1].startswith("no:")]
+    pm, _, dists = make_plugin_manager(blocked=blocked)
+    commands, errors = collect_commands(pm, dists, reserved=list(SUBCOMMANDS))
+    add_commands(sub, commands, argv)
+    parser.set_defaults(plugin_command_errors=errors)
 
 
 def blocked_plugins(args: argparse.Namespace) -> list[str]:
@@ -57,9 +69,11 @@ def main(argv: list[str] | None = None) -> int:
     from xbench.environment import tune_allocator
 
     tune_allocator()
-    parser = build_parser()
+    parser = build_parser(argv)
     args = parser.parse_args(argv)
     err = message_console()
+    for message in getattr(args, "plugin_command_errors", []):
+        err.print(f"[yellow]warning:[/] {message}", highlight=False)
     try:
         return int(args.func(args) or 0)
     except UserError as exc:
