@@ -172,3 +172,19 @@ def test_profiles_are_declared_on_the_plugin_classes():
     assert plugin_options("quick", _Sampler) == {"n_samples": 4}
     assert profile_names([_Sampler, type("P", (), {"profiles": {"fast": {}}})]) == [
         "fast", "paper", "quick"]
+
+
+def test_the_kit_catches_an_option_that_does_not_reach_the_variant():
+    from xbench.testing import check_options_reach_variant
+
+    class Forgetful(_Sampler):
+        name = "forgetful"
+
+        @property
+        def variant(self):
+            return ""
+
+    check_options_reach_variant(_Sampler)
+    with pytest.raises(AssertionError, match="explainer 'forgetful': option n_samples=1 changes "
+                                             "the output but not the recorded variant"):
+        check_options_reach_variant(Forgetful)
