@@ -170,8 +170,8 @@ class Runner:
         self.dataset = open_dataset(config.data, config.labels).subset(config.limit, config.seed)
         self.profile = self._resolve_profile()
         self.device = resolve_device(config.device)
-        for name, cls in self.classes.items():  # profile values too, before any loading
-            cls.make_options(self._options_for(name))
+        for plugin, cls in self.classes.items():  # profile values too, before any loading
+            cls.make_options(self._options_for(plugin))
         self.run_name = name or self._default_name()
         self.folder = RunFolder(out / self.run_name)
         self.progress = progress
