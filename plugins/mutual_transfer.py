@@ -61,8 +61,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from xbench import LoadedModel, Model, hookimpl
-from xbench.errors import UserError
+import xbench
+from xbench import LoadedModel, Model, UserError, hookimpl
 
 CHECKPOINT_FORMAT = "xbench-mutual-transfer"
 CHECKPOINT_VERSION = 1
@@ -690,16 +690,17 @@ class MutualTransferModel(Model):
     """One student (``member`` st1 or st2) of a mutual-transfer checkpoint."""
 
     name = "mutual-transfer"
-    summary = ("a student trained with local attention map mutual transfer (Cheng et al. 2022); "
-               "options checkpoint=CKPT, member=st1|st2")
+    summary = "a student trained with local attention map mutual transfer (Cheng et al. 2022)"
 
-    def __init__(self, weights: str | None = None, checkpoint: str | None = None, member: str = "st1",
-                 **options: Any) -> None:
-        super().__init__(weights=weights, **options)
-        self.checkpoint = checkpoint or weights
-        if member not in MEMBERS:
-            raise UserError(f"model 'mutual-transfer': member must be 'st1' or 'st2', got {member!r}")
-        self.member = member
+    class Options(Model.Options):
+        checkpoint: str | None = xbench.option(
+            None, "checkpoint of 'xbench train mutual-transfer' (--checkpoint; weights works too)")
+        member: str = xbench.option("st1", "which student of the checkpoint (--member)",
+                                    choices=MEMBERS)
+
+    @property
+    def checkpoint(self) -> str | None:
+        return self.options.checkpoint or self.options.weights
 
     def load(self) -> LoadedModel:
         if not self.checkpoint:
@@ -708,13 +709,13 @@ class MutualTransferModel(Model):
                 "'xbench train mutual-transfer --st1 small-wrn --st2 small-mobilenet --data digits "
                 "--lambda 0.5 --beta 1 --epochs 4 --out mt.pt' (a few minutes on a CPU)")
         payload = read_checkpoint(self.checkpoint)
-        student = restore_student(payload["members"][self.member])
+        student = restore_student(payload["members"][self.options.member])
         return LoadedModel(
             module=student.net.eval(), input_size=student.input_size, mean=student.mean,
             std=student.std, class_names=tuple(payload["class_names"]),
             default_layer=student.default_layer, resize_size=student.resize_size,
-            weights=f"{self.checkpoint}#{self.member}",
-            extra={"member": self.member, "arch": student.arch,
+            weights=f"{self.checkpoint}#{self.options.member}",
+            extra={"member": self.options.member, "arch": student.arch,
                    "config": dict(payload.get("config", {}))},
         )
 
@@ -722,3 +723,11 @@ class MutualTransferModel(Model):
 @hookimpl
 def register_models(register):
     register(MutualTransferModel)
+
+
+@hookimpl
+def register_commands(register):
+    register("train mutual-transfer",
+             help="train two students with local attention map mutual transfer",
+             configure="xbench.cli.train_mutual_transfer:add_arguments",
+             run="xbench.cli.train_mutual_transfer:run")

@@ -120,7 +120,7 @@ def open_dataset(source: str, labels: str | None = None) -> Dataset:
     files = _image_files(root)
     subdirs = sorted(p for p in root.iterdir() if p.is_dir())
     if files and all(f.name.startswith("ILSVRC2012_val_") for f in files):
-        from xbench_plugins.imagenet_meta import val_labels
+        from xbench.imagenet import val_labels
 
         table = val_labels()
         items = tuple(ImageItem(f.name, f, table.get(f.name)) for f in files)
@@ -129,7 +129,7 @@ def open_dataset(source: str, labels: str | None = None) -> Dataset:
     if subdirs and not files:
         return _class_folders(root, subdirs)
     if files and all(_WNID_PREFIX.match(f.name) for f in files):
-        from xbench_plugins.imagenet_meta import wnid_to_index
+        from xbench.imagenet import wnid_to_index
 
         table = wnid_to_index()
         items = tuple(ImageItem(f.name, f, table.get(_WNID_PREFIX.match(f.name).group(1)))
@@ -169,7 +169,7 @@ def _image_files(root: Path) -> list[Path]:
 def _class_folders(root: Path, subdirs: list[Path]) -> Dataset:
     names = [d.name for d in subdirs]
     if all(_WNID.match(n) for n in names):
-        from xbench_plugins.imagenet_meta import wnid_to_index
+        from xbench.imagenet import wnid_to_index
 
         table = wnid_to_index()
         unknown = [n for n in names if n not in table]
@@ -225,7 +225,7 @@ def _read_label_csv(path: Path) -> dict[str, int]:
 
 
 def _read_kaggle(path: Path) -> dict[str, int]:
-    from xbench_plugins.imagenet_meta import wnid_to_index
+    from xbench.imagenet import wnid_to_index
 
     table = wnid_to_index()
     out = {}
@@ -238,7 +238,7 @@ def _read_kaggle(path: Path) -> dict[str, int]:
 
 def _read_devkit(root: Path, path: Path) -> dict[str, int]:
     """Devkit labels are ILSVRC2012_IDs (1..1000, devkit order); meta.mat maps them to WNIDs."""
-    from xbench_plugins.imagenet_meta import wnid_to_index
+    from xbench.imagenet import wnid_to_index
 
     meta = path.parent / "meta.mat"
     if not meta.is_file():

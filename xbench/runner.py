@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-import inspect
 import math
 import os
 from collections import Counter
@@ -34,7 +33,7 @@ from xbench.errors import UserError
 from xbench.guard import no_leaked_hooks, time_limit
 from xbench.model import ClassifierHandle, block_layers, masked_batch_size
 from xbench.plugins import Registry
-from xbench.profiles import PROFILES, plugin_options
+from xbench.profiles import plugin_options, profile_names
 from xbench.records import SCHEMA_VERSION, ResultRow, RunFolder, RunHeader
 from xbench.saliency import normalize_maps
 from xbench.timing import Stopwatch
@@ -126,28 +125,51 @@ def failure_report(rows: Any, top: int = 3) -> tuple[int, int, list[tuple[int, s
     return cells, images, reasons
 
 
-def parse_options(items: tuple[str, ...]) -> dict[str, dict[str, Any]]:
-    """['rise.n_masks=1000', ...] -> {'rise': {'n_masks': 1000}} (values parsed as Python
-    literals when they parse, else kept as strings)."""
-    import ast
-
-    out: dict[str, dict[str, Any]] = {}
+def split_options(items: tuple[str, ...]) -> dict[str, dict[str, str]]:
+    """['rise.n_masks=1000', ...] -> {'rise': {'n_masks': '1000'}}, values still text."""
+    out: dict[str, dict[str, str]] = {}
     for item in items:
         head, sep, raw = item.partition("=")
         plugin, dot, key = head.partition(".")
         if not sep or not dot or not plugin or not key:
             raise UserError(f"--option {item!r}: expected PLUGIN.KEY=VALUE, e.g. rise.n_masks=1000")
-        try:
-            value = ast.literal_eval(raw)
-        except (ValueError, SyntaxError):
-            value = raw
-        out.setdefault(plugin, {})[key] = value
+        out.setdefault(plugin, {})[key] = raw
     return out
 
 
-def _accepts(cls: type, option: str) -> bool:
-    params = inspect.signature(cls.__init__).parameters
-    return option in params
+def _declares(cls: type, option: str) -> bool:
+    return any(spec.name == option for spec in cls.option_specs())
+
+
+def command_line_options(config: RunConfig, classes: dict[str, type]) -> dict[str, dict[str, Any]]:
+    """The run's ``-o`` options and ``--checkpoint/--member/--weights`` aliases, converted by
+    each plugin's declared types and checked, before anything is loaded.
+
+    ``classes``: {plugin name: class} of the selected explainers, metrics and the model.
+    """
+    out: dict[str, dict[str, Any]] = {}
+    for plugin, values in split_options(config.options).items():
+        if plugin not in classes:
+            from xbench.errors import did_you_mean
+
+            raise UserError(f"--option {plugin}.*: {plugin!r} is not a selected explainer, "
+                            f"metric or the model.{did_you_mean(plugin, classes)}")
+        out[plugin] = {key: classes[plugin].parse_option(key, raw) for key, raw in values.items()}
+    model = classes[config.model]
+    if config.checkpoint:
+        takers = [name for name, cls in classes.items() if _declares(cls, "checkpoint")]
+        if not takers:
+            raise UserError(f"--checkpoint: none of the selected plugins ({', '.join(classes)}) "
+                            "takes a checkpoint; select one that does (see 'xbench plugins NAME')")
+        for name in takers:
+            out.setdefault(name, {}).setdefault("checkpoint", config.checkpoint)
+    if config.member is not None:
+        if not _declares(model, "member"):
+            raise UserError(f"--member: model {config.model!r} has no members")
+        out.setdefault(config.model, {})["member"] = model.parse_option("member", config.member)
+    if config.weights is not None:
+        out.setdefault(config.model, {})["weights"] = config.weights
+    return out
 
 
 def _instantiate(kind: str, cls: type, **kwargs: Any) -> Any:
@@ -182,18 +204,16 @@ class Runner:
         if config.metrics == "all":  # model-scope metrics are opt-in: they cost many passes
             self.metric_names = [name for name in self.metric_names
                                  if registry.metric(name).kind != "model"]
-        registry.info("model", config.model)
+        self.classes: dict[str, type] = {
+            **{name: registry.explainer(name) for name in self.explainer_names},
+            **{name: registry.metric(name) for name in self.metric_names},
+            config.model: registry.model(config.model)}
+        self.cli_options = command_line_options(config, self.classes)
         self.dataset = open_dataset(config.data, config.labels).subset(config.limit, config.seed)
         self.profile = self._resolve_profile()
         self.device = resolve_device(config.device)
-        self.cli_options = parse_options(config.options)
-        known = set(self.explainer_names) | set(self.metric_names) | {config.model}
-        for plugin in self.cli_options:
-            if plugin not in known:
-                from xbench.errors import did_you_mean
-
-                raise UserError(f"--option {plugin}.*: {plugin!r} is not a selected explainer, "
-                                f"metric or the model.{did_you_mean(plugin, known)}")
+        for plugin, cls in self.classes.items():  # profile values too, before any loading
+            cls.make_options(self._options_for(plugin))
         self.run_name = name or self._default_name()
         self.folder = RunFolder(out / self.run_name)
         inside = Path(os.path.normpath(self.folder.path))
@@ -209,8 +229,9 @@ class Runner:
         profile = self.config.profile
         if profile == "auto":
             return "quick" if self.dataset.layout == "embedded" else "paper"
-        if profile not in PROFILES:
-            raise UserError(f"--profile {profile!r}: choose one of {sorted(PROFILES)} or auto")
+        known = profile_names(list(self.registry_classes()))
+        if profile not in known:
+            raise UserError(f"--profile {profile!r}: choose one of {', '.join(known)} or auto")
         return profile
 
     def _default_name(self) -> str:
@@ -219,21 +240,18 @@ class Runner:
             parts.append(f"n{self.config.limit}-s{self.config.seed}")
         return "_".join(parts)
 
-    def _options_for(self, plugin: str, cls: type) -> dict[str, Any]:
-        options = plugin_options(self.profile, plugin)
+    def registry_classes(self) -> list[type]:
+        return [info.cls for table in self.registry.entries.values() for info in table.values()]
+
+    def _options_for(self, plugin: str) -> dict[str, Any]:
+        """The plugin's options for this run: its profile values, then the command line's."""
+        options = plugin_options(self.profile, self.classes[plugin])
         options.update(self.cli_options.get(plugin, {}))
-        if self.config.checkpoint and _accepts(cls, "checkpoint"):
-            options.setdefault("checkpoint", self.config.checkpoint)
         return options
 
     def _load_model(self) -> ClassifierHandle:
-        cls = self.registry.model(self.config.model)
-        options = self._options_for(self.config.model, cls)
-        if self.config.member is not None:
-            if not _accepts(cls, "member"):
-                raise UserError(f"--member: model {self.config.model!r} has no members")
-            options["member"] = self.config.member
-        model = _instantiate("model", cls, weights=self.config.weights, **options)
+        cls = self.classes[self.config.model]
+        model = _instantiate("model", cls, **self._options_for(self.config.model))
         loaded = model.load()
         return ClassifierHandle(loaded, self.device, channels_last=self.config.channels_last,
                                 name=self.config.model)
@@ -255,7 +273,7 @@ class Runner:
         out = []
         for name in self.explainer_names:
             cls = self.registry.explainer(name)
-            options = self._options_for(name, cls)
+            options = self._options_for(name)
             for layer in (layers if cls.uses_layer else ["-"]):
                 instance = _instantiate("explainer", cls, layer=None if layer == "-" else layer,
                                         seed=self.config.seed, **options)
@@ -263,18 +281,15 @@ class Runner:
         return out
 
     def _metrics(self) -> list[Metric]:
-        return [_instantiate("metric", cls, **self._options_for(name, cls))
-                for name in self.metric_names
-                for cls in [self.registry.metric(name)]]
+        return [_instantiate("metric", self.classes[name], **self._options_for(name))
+                for name in self.metric_names]
 
     def resolved_config(self) -> dict[str, Any]:
         config = dataclasses.asdict(self.config)
         config.update(explainers=self.explainer_names, metrics=self.metric_names,
                       profile=self.profile, options=list(self.config.options),
-                      plugin_options={name: self._options_for(name, self.registry.get(kind, name))
-                                      for kind, names in (("explainer", self.explainer_names),
-                                                          ("metric", self.metric_names))
-                                      for name in names})
+                      plugin_options={name: self._options_for(name)
+                                      for name in [*self.explainer_names, *self.metric_names]})
         return config
 
     def _header(self, handle: ClassifierHandle, units_total: int,
@@ -684,12 +699,13 @@ class Runner:
                     raise ValueError(f"returned shape {tuple(values.shape)} for variant "
                                      f"{variant!r}; expected ({len(items)},)")
         except Exception as exc:  # noqa: BLE001 - a metric failure is recorded, not fatal
-            return [self._row(**common(i), variant="", value=None, status="failed",
+            return [self._row(**common(i), variant=metric.row_variant(""), value=None, status="failed",
                               error=f"metric {metric.name!r}: {type(exc).__name__}: {exc}")
                     for i in range(len(items))]
         rows = []
-        for variant, values in scores.items():
-            curves = metric_batch.curves.get((metric.name, variant))
+        for key, values in scores.items():
+            curves = metric_batch.curves.get((metric.name, key))
+            variant = metric.row_variant(key)
             for i in range(len(items)):
                 value = float(values[i])
                 degenerate = metric.kind == "faithfulness" and bool(metric_batch.degenerate[i])

@@ -22,6 +22,7 @@ from torch import nn
 from xbench.base import Explainer, LoadedModel, Metric, MetricBatch, Model
 from xbench.engine import auto_engine
 from xbench.model import ClassifierHandle
+from xbench.options import OptionError, OptionSpec, check_value
 from xbench.saliency import normalize_maps
 
 TOY_CLASSES = 10
@@ -162,6 +163,7 @@ def check_explainer(cls: type[Explainer], model: ClassifierHandle | None = None,
         assert torch.allclose(batched_n, engine_n, atol=1e-3), (
             f"{where}: maps differ when the model's hook-free forwards (model.predict) run "
             f"through ONNX Runtime; use model(...) where you need hooks or gradients")
+    check_options_reach_variant(cls, options)
     return maps
 
 
@@ -247,4 +249,68 @@ def check_metric(cls: type[Metric], model: ClassifierHandle | None = None,
                                   atol=1e-3, rtol=1e-3), (
                 f"{where}: variant {variant!r} differs when the model's hook-free forwards run "
                 f"through ONNX Runtime")
+    check_options_reach_variant(cls, options, lambda metric: {
+        metric.row_variant(key) for key in metric.score(make_batch(slice(None)))})
     return scores
+
+
+def _other_value(spec: OptionSpec, current: Any) -> Any:
+    """A valid value different from ``current`` for ``spec``, or _SKIP when none can be made
+    without knowing the plugin (free text, paths)."""
+    if spec.choices is not None:
+        if isinstance(current, tuple):
+            return current[:1] if len(current) > 1 else tuple(c for c in spec.choices
+                                                               if c not in current)[:1] or _SKIP
+        return next((c for c in spec.choices if c != current), _SKIP)
+    if isinstance(current, bool):
+        return not current
+    if isinstance(current, tuple):
+        return current[:1] if len(current) > 1 else _SKIP
+    number = spec.type
+    if current is None:
+        for candidate in (int, float):
+            if candidate in getattr(spec.type, "__args__", ()):
+                number = candidate
+        if number not in (int, float):
+            return _SKIP
+        low = spec.minimum if spec.minimum is not None else 1
+        value = number(max(low, 16))
+        return value if spec.maximum is None or value <= spec.maximum else number(low)
+    if isinstance(current, (int, float)):
+        # the lower bound first: the value most likely to change the output on a small model
+        for value in (spec.minimum if spec.minimum is not None else current,
+                      current + 1 if isinstance(current, int) else current * 2,
+                      current - 1 if isinstance(current, int) else current / 2):
+            try:
+                if value != current:
+                    return check_value(spec, value, "kit")
+            except OptionError:
+                continue
+    return _SKIP
+
+
+_SKIP = object()
+
+
+def check_options_reach_variant(cls: type[Explainer] | type[Metric],
+                                options: dict[str, Any] | None = None,
+                                variants: Any = None) -> None:
+    """Assert that changing any option declared to change the output changes what the rows
+    record: the explainer's ``variant``, or the metric's row variants (``variants(metric)``).
+    Options without a value the kit can make up (free text, paths) are left out."""
+    where = f"{cls.plugin_kind} {getattr(cls, 'name', cls.__name__)!r}"
+    options = dict(options or {})
+    variants = variants or (lambda plugin: plugin.variant)
+    with torch.no_grad():
+        baseline = variants(cls(**options))
+        for spec in cls.option_specs():
+            if not spec.in_variant:
+                continue
+            value = _other_value(spec, options.get(spec.name, spec.default))
+            if value is _SKIP:
+                continue
+            changed = variants(cls(**{**options, spec.name: value}))
+            assert changed != baseline, (
+                f"{where}: option {spec.name}={value!r} changes the output but not the recorded "
+                f"variant ({baseline!r}); derive variant from the options (do not override it) or "
+                "declare the option in_variant=False if it never changes the output")

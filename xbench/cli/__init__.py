@@ -22,9 +22,6 @@ SUBCOMMANDS = {
     "plugins": ("xbench.cli.plugins", "list installed plugins"),
     "explain": ("xbench.cli.explain", "write a heatmap overlay PNG for one image"),
     "plot": ("xbench.cli.plot", "draw figures from a run's records (PNG)"),
-    "train": ("xbench.cli.train", "train L-CAM heads or mutual-transfer students"),
-    "similarity": ("xbench.cli.similarity",
-                   "neuron similarity values from class average images (Wang 2022)"),
     "report": ("xbench.cli.report", "write a self-contained HTML report of a run"),
     "check": ("xbench.cli.check", "validate every line of a run's records against the schema"),
 }
@@ -64,7 +61,21 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
         except ModuleNotFoundError as exc:
             if exc.name != module:
                 raise
+    add_plugin_commands(parser, sub, sys.argv[1:] if argv is None else argv)
     return parser
+
+
+def add_plugin_commands(parser: argparse.ArgumentParser, sub, argv: list[str]) -> None:
+    """Commands plugins register (``register_commands``); ``-p no:NAME`` removes them."""
+    from xbench.commands import add_commands, collect_commands
+    from xbench.plugins import make_plugin_manager
+
+    blocked = [argv[i + 1][3:] for i, token in enumerate(argv[:-1])
+               if token == "-p" and argv[i + 1].startswith("no:")]
+    pm, _, dists = make_plugin_manager(blocked=blocked)
+    commands, errors = collect_commands(pm, dists, reserved=list(SUBCOMMANDS))
+    add_commands(sub, commands, argv)
+    parser.set_defaults(plugin_command_errors=errors)
 
 
 def blocked_plugins(args: argparse.Namespace) -> list[str]:
@@ -83,6 +94,8 @@ def main(argv: list[str] | None = None) -> int:
 
     tune_allocator()
     err = message_console()
+    for message in getattr(args, "plugin_command_errors", []):
+        err.print(f"[yellow]warning:[/] {message}", highlight=False)
     try:
         return int(args.func(args) or 0)
     except UserError as exc:

@@ -135,7 +135,7 @@ def load_cifar(name: str, root: str) -> tuple[Any, Any]:
 
 
 def _class_names(dataset: Any) -> tuple[str, ...]:
-    from xbench_plugins.imagenet_meta import class_names
+    from xbench.imagenet import class_names
 
     if dataset.layout.startswith("class folders (sorted names)"):
         root = Path(dataset.root)
