@@ -57,7 +57,7 @@ class Sparseness(Metric):
 
 
 class Complexity(Metric):
-    name = "complexity"
+    name = "entropy-complexity"
     direction = "lower"
     family = "complexity"
     unit = "nats"
