@@ -157,6 +157,10 @@ class MetricBatch:
     explain_backward: torch.Tensor | None  # (B,) backward passes spent by the explainer per image
     explain_seconds: torch.Tensor | None  # (B,) explanation wall time per image
     cache: dict[Any, Any] = field(default_factory=dict)
+    #: per-image object boxes, (K_i, 5) long: x0, y0, x1, y1 as 0-based inclusive pixel indices
+    #: of the input (after the image's resize and crop, :mod:`xbench.boxes`) and the object's
+    #: class index (-1 unknown); (0, 5) for an image without boxes; None when the dataset has none
+    boxes: list[torch.Tensor] | None = None
     #: per-image curves a metric wants kept: {(metric name, variant): tensor (B, T)}
     curves: dict[tuple[str, str], torch.Tensor] = field(default_factory=dict)
 
@@ -177,11 +181,21 @@ class Metric(Configurable, RecordsVariant, ABC):
     #: "model" metrics score the model itself on each image, once per run and not per explainer
     #: (rows with an empty explainer); they are costly, so ``--metrics all`` leaves them out
     kind: ClassVar[Literal["faithfulness", "cost", "model"]] = "faithfulness"
+    #: the family ``--metrics`` accepts as a name and tables group by ("localisation",
+    #: "complexity", ...); '' means the metric's ``kind``
+    family: ClassVar[str] = ""
+    #: reads ``MetricBatch.boxes``: left out of ``--metrics all`` on data without boxes, an
+    #: error when named; NaN for an image without a box it can use, and that image gets no row
+    needs_boxes: ClassVar[bool] = False
     #: the unit shown in tables ("%", "AUC", "passes", "s")
     unit: ClassVar[str] = ""
     summary: ClassVar[str] = ""
 
     plugin_kind: ClassVar[str] = "metric"
+
+    @classmethod
+    def metric_family(cls) -> str:
+        return cls.family or cls.kind
 
     class Options(Options):
         """No options; a plugin declares its own as ``class Options(xbench.Options)``."""

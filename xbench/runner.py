@@ -23,9 +23,11 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 from xbench import PROTOCOL_VERSION, __version__
 from xbench.base import Explainer, Metric, MetricBatch
+from xbench.boxes import input_boxes
 from xbench.data import Dataset, ImageItem, load_image, open_dataset
 from xbench.engine import ENGINES, auto_engine
 from xbench.environment import environment, resolve_device, short_versions, tune_allocator
@@ -53,6 +55,8 @@ class RunConfig:
     model: str = "efficientnet-lite0"
     data: str = "sample"
     labels: str | None = None
+    #: object boxes file (xbench.boxes); None: found beside the data, if any
+    boxes: str | None = None
     limit: int | None = None
     seed: int = 0
     device: str = "auto"
@@ -200,7 +204,7 @@ class Runner:
         if config.batch_size < 1:
             raise UserError(f"--batch-size must be >= 1, got {config.batch_size}")
         self.explainer_names = registry.select("explainer", config.explainers)
-        self.metric_names = registry.select("metric", config.metrics)
+        self.metric_names = select_metrics(registry, config.metrics)
         if config.metrics == "all":  # model-scope metrics are opt-in: they cost many passes
             self.metric_names = [name for name in self.metric_names
                                  if registry.metric(name).kind != "model"]
@@ -209,7 +213,9 @@ class Runner:
             **{name: registry.metric(name) for name in self.metric_names},
             config.model: registry.model(config.model)}
         self.cli_options = command_line_options(config, self.classes)
-        self.dataset = open_dataset(config.data, config.labels).subset(config.limit, config.seed)
+        self.dataset = open_dataset(config.data, config.labels, config.boxes).subset(
+            config.limit, config.seed)
+        self.metric_names = self._box_metrics(self.metric_names)
         self.profile = self._resolve_profile()
         self.device = resolve_device(config.device)
         for plugin, cls in self.classes.items():  # profile values too, before any loading
@@ -224,6 +230,22 @@ class Runner:
         self.progress = progress
 
     # -- set-up -------------------------------------------------------------------------
+
+    def _box_metrics(self, names: list[str]) -> list[str]:
+        """Metrics that read boxes need a dataset with boxes: left out of ``all`` (and of a
+        family) without them, an error when named."""
+        if self.dataset.boxes is not None:
+            return names
+        named = set(self.config.metrics.replace(" ", "").split(","))
+        needing = [n for n in names if self.registry.metric(n).needs_boxes]
+        asked = [n for n in needing
+                 if n in named or self.registry.metric(n).metric_family() in named]
+        if asked:
+            raise UserError(f"--metrics {', '.join(asked)}: needs "
+                            f"object boxes, and --data {self.config.data} has none; pass --boxes "
+                            "FILE (file,width,height,x0,y0,x1,y1 CSV, LOC_val_solution.csv or the "
+                            "ILSVRC2012_bbox_val_v3 folder) or put <folder>_boxes.csv beside it")
+        return [n for n in names if n not in needing]
 
     def _resolve_profile(self) -> str:
         profile = self.config.profile
@@ -309,7 +331,10 @@ class Runner:
             dataset={"name": self.dataset.name, "layout": self.dataset.layout,
                      "root": self.dataset.root, "images": len(self.dataset.items),
                      "subset_hash": self.dataset.subset_hash, "limit": self.config.limit,
-                     "seed": self.config.seed},
+                     "seed": self.config.seed,
+                     "boxes": None if self.dataset.boxes is None else {
+                         "source": self.dataset.boxes.source,
+                         "layout": self.dataset.boxes.layout}},
             environment=environment(self.device), plugins=self.registry.versions(),
             units_total=units_total,
         )
@@ -602,7 +627,18 @@ class Runner:
         batch = {"items": [items[good[k]] for k in keep], "images": images[keep_t],
                  "targets": target_t, "predicted": predicted[keep_t],
                  "clean_probs": probs[keep_t].gather(1, target_t[:, None])[:, 0]}
+        if self.dataset.boxes is not None:
+            batch["boxes"] = [self._boxes(item, loaded) for item in batch["items"]]
         return batch, rows
+
+    def _boxes(self, item: ImageItem, loaded: Any) -> torch.Tensor:
+        """The item's boxes in input pixels ((0, 5) when it has none), xbench.boxes."""
+        found = self.dataset.boxes.get(item.id)
+        if found is None:
+            return torch.zeros(0, 5, dtype=torch.long)
+        with Image.open(item.path) as image:  # the header only: the stored size
+            size = image.size
+        return input_boxes(found, size, loaded.resize_size, loaded.input_size, item.label)
 
     def _row(self, base: dict[str, Any], item: ImageItem, predicted: int | None,
              target: int | None, explainer: str, explainer_variant: str, layer: str,
@@ -640,7 +676,7 @@ class Runner:
         # Retry image by image, so one bad image does not cost the whole batch its scores.
         rows = []
         for i in range(len(batch["items"])):
-            single = {k: (v[i:i + 1]) for k, v in batch.items()}
+            single = {k: (v[i:i + 1]) for k, v in batch.items()}  # lists too (boxes)
             rows.extend(self._explain_unit(handle, single, explainer, layer, metrics, base,
                                            previews))
         return rows
@@ -666,7 +702,7 @@ class Runner:
             degenerate=degenerate, clean_probs=batch["clean_probs"],
             explain_forward=per_image(counts["forward"]),
             explain_backward=per_image(counts["backward"]),
-            explain_seconds=per_image(watch.seconds))
+            explain_seconds=per_image(watch.seconds), boxes=batch.get("boxes"))
         # a timing metric's rows keep the batch's time (their value is its per-image share);
         # other rows stay free of timings, so they are reproducible byte for byte
         timed = {**base, "batch_seconds": watch.seconds, "batch_images": n}
@@ -712,6 +748,8 @@ class Runner:
                 curve = None
                 if curves is not None:
                     curve = tuple(round(float(v), CURVE_DECIMALS) for v in curves[i])
+                if math.isnan(value) and metric.needs_boxes:
+                    continue  # no box this metric can use: the image is excluded, not scored
                 if math.isfinite(value):
                     rows.append(self._row(**common(i), variant=variant, value=value,
                                           degenerate=degenerate, curve=curve))
@@ -739,6 +777,28 @@ def _write_safely(folder: RunFolder, header: RunHeader) -> None:
         folder.update_header(header)
     except OSError:
         pass
+
+
+def select_metrics(registry: Registry, spec: str) -> list[str]:
+    """``--metrics``: 'all', or names and family names (``localisation``, ``complexity``,
+    ``faithfulness``, ``cost``, ``model``; a family expands to its metrics in registry order)."""
+    names = [n.strip() for n in spec.split(",") if n.strip()]
+    if names == ["all"]:
+        return registry.select("metric", "all")
+    metrics = registry.names("metric")
+    families: dict[str, list[str]] = {}
+    for name in metrics:
+        families.setdefault(registry.metric(name).metric_family(), []).append(name)
+    out: list[str] = []
+    for name in names:
+        if name in metrics:
+            chosen = [name]
+        elif name in families:
+            chosen = families[name]
+        else:
+            chosen = registry.select("metric", [name])  # raises, with "did you mean"
+        out.extend(n for n in chosen if n not in out)
+    return out
 
 
 def map_previews(saliency: torch.Tensor, size: int = PREVIEW_SIZE) -> np.ndarray:

@@ -14,6 +14,7 @@ xbench's built-in plugins are tested with the same functions (tests/test_conform
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import torch
@@ -68,6 +69,19 @@ def toy_model(seed: int = 0, device: str | torch.device = "cpu") -> ClassifierHa
 def toy_images(batch: int = 2, seed: int = 0, size: int = TOY_SIZE) -> torch.Tensor:
     generator = torch.Generator().manual_seed(seed)
     return torch.rand(batch, 3, size, size, generator=generator)
+
+
+def toy_boxes(targets: torch.Tensor, size: int = TOY_SIZE) -> list[torch.Tensor]:
+    """Per-image (K, 5) boxes for ``check_metric``: two boxes of the target's class and one
+    of another class, at seeded places of a ``size`` x ``size`` input."""
+    generator = torch.Generator().manual_seed(3)
+    out = []
+    for target in targets.tolist():
+        corners = torch.randint(0, size // 2, (3, 2), generator=generator)
+        extent = torch.randint(2, size // 2, (3, 2), generator=generator)
+        classes = torch.tensor([target, target, (target + 1) % TOY_CLASSES])
+        out.append(torch.cat([corners, corners + extent, classes[:, None]], dim=1))
+    return out
 
 
 def _hook_count(module: nn.Module) -> int:
@@ -208,6 +222,7 @@ def check_metric(cls: type[Metric], model: ClassifierHandle | None = None,
     generator = torch.Generator().manual_seed(2)
     raw = torch.rand(batch, 7, 7, generator=generator).to(model.device)
     saliency, degenerate = normalize_maps(raw, tuple(images.shape[-2:]))
+    boxes = toy_boxes(targets, model.input_size) if cls.needs_boxes else None
 
     def make_batch(sel: slice, model: ClassifierHandle = model) -> MetricBatch:
         n = len(range(*sel.indices(batch)))
@@ -221,7 +236,8 @@ def check_metric(cls: type[Metric], model: ClassifierHandle | None = None,
                            clean_probs=probs[sel].gather(1, targets[sel, None])[:, 0],
                            explain_forward=torch.ones(n, dtype=torch.float64),
                            explain_backward=torch.ones(n, dtype=torch.float64),
-                           explain_seconds=torch.full((n,), 0.5, dtype=torch.float64))
+                           explain_seconds=torch.full((n,), 0.5, dtype=torch.float64),
+                           boxes=None if boxes is None else boxes[sel])
 
     hooks = _hook_count(model)
     with torch.no_grad():
@@ -240,6 +256,13 @@ def check_metric(cls: type[Metric], model: ClassifierHandle | None = None,
         joined = torch.cat([s[variant] for s in singles])
         assert torch.allclose(values.double(), joined.double(), atol=1e-5), (
             f"{where}: variant {variant!r} changes with the batch size")
+    if cls.needs_boxes:  # a dataset without boxes: every image excluded (NaN), no error
+        with torch.no_grad():
+            unboxed = cls(**(options or {})).score(
+                dataclasses.replace(make_batch(slice(None)), boxes=None))
+        for variant, values in unboxed.items():
+            assert torch.isnan(values).all(), (
+                f"{where}: variant {variant!r} must be NaN (image excluded) without boxes")
     twin = engine_twin(model)
     if twin is not None:
         with torch.no_grad():
