@@ -27,8 +27,8 @@ SUBCOMMANDS = {
 }
 
 
-def _chosen_subcommand(argv: list[str]) -> str | None:
-    """The subcommand named on the command line (skipping ``-p VALUE``), or None."""
+def _first_command_word(argv: list[str]) -> str | None:
+    """The first word of the command line that is not an option (skipping ``-p VALUE``)."""
     skip = False
     for arg in argv:
         if skip:
@@ -36,8 +36,14 @@ def _chosen_subcommand(argv: list[str]) -> str | None:
         elif arg == "-p":
             skip = True
         elif not arg.startswith("-"):
-            return arg if arg in SUBCOMMANDS else None
+            return arg
     return None
+
+
+def _chosen_subcommand(argv: list[str]) -> str | None:
+    """The built-in subcommand named on the command line, or None."""
+    word = _first_command_word(argv)
+    return word if word in SUBCOMMANDS else None
 
 
 def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
@@ -46,7 +52,9 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     from xbench import __version__
 
     parser = argparse.ArgumentParser(prog="xbench", description=(
-        "Benchmark visual explanation methods: which explainer is most faithful, at what cost?"))
+        "Benchmark visual explanation methods: which explainer is most faithful, at what cost?"),
+        epilog="Plugins add commands of their own (built-in: 'xbench similarity', 'xbench train "
+               "lcam', 'xbench train mutual-transfer'); 'xbench plugins' lists the plugins.")
     parser.add_argument("--version", action="version", version=f"xbench {__version__}")
     parser.add_argument("-p", dest="plugin_options", action="append", default=[], metavar="no:NAME",
                         help="block the plugin NAME for this command (repeatable)")
@@ -61,7 +69,11 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
         except ModuleNotFoundError as exc:
             if exc.name != module:
                 raise
-    add_plugin_commands(parser, sub, sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else argv
+    # plugin modules import torch: load them only when a command is named (a bare --help or
+    # --version must stay instant; their commands are named in the epilog instead)
+    if _first_command_word(argv) is not None:
+        add_plugin_commands(parser, sub, argv)
     return parser
 
 
