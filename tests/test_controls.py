@@ -111,3 +111,19 @@ def test_bad_options_name_the_plugin():
         CentreGaussian(sigma=0.0)
     with pytest.raises(ValueError, match="sobel.*channels.*luma"):
         SobelControl(channels="sum")
+
+
+def test_xbench_plugins_says_which_library_each_explainer_comes_from(capsys, monkeypatch):
+    import json
+
+    from xbench.cli import main
+
+    monkeypatch.setenv("COLUMNS", "200")
+    assert main(["plugins", "--kind", "explainer"]) == 0
+    rows = {line.split("│")[1].strip(): line.split("│")[3].strip()
+            for line in capsys.readouterr().out.splitlines() if line.count("│") > 4}
+    assert rows["saliency"] == "captum" and rows["occlusion"] == "captum"
+    assert rows["sobel"] == "xbench" and rows["gradcam"] == "xbench"
+    assert main(["plugins", "--json", "--kind", "explainer"]) == 0
+    listed = {p["name"]: p["library"] for p in json.loads(capsys.readouterr().out)["plugins"]}
+    assert listed["lime"] == "captum" and listed["eigencam"] == "xbench"

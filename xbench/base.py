@@ -43,6 +43,8 @@ class Explainer(Configurable, RecordsVariant, ABC):
     uses_layer: ClassVar[bool] = True
     #: one-line description shown by ``xbench plugins``
     summary: ClassVar[str] = ""
+    #: the library that computes the maps ("captum" for an adapter; "xbench" when native)
+    library: ClassVar[str] = "xbench"
 
     plugin_kind: ClassVar[str] = "explainer"
 

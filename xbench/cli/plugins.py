@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 
+from rich.markup import escape
 from rich.table import Table
 
 from xbench.cli.console import table_console
@@ -40,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
             console.print(options_table(info))
         return 0
     table = Table(title="xbench plugins")
-    for column in ("name", "kind", "plugin", "version", "source", "summary"):
+    for column in ("name", "kind", "library", "plugin", "version", "source", "summary"):
         table.add_column(column, overflow="fold")
     for kind, entries in registry.entries.items():
         if args.kind and kind != args.kind:
@@ -52,7 +53,9 @@ def run(args: argparse.Namespace) -> int:
                 summary = f"[{info.cls.direction} is better] {summary}"
             elif kind == "explainer" and info.cls.needs_gradients:
                 summary = f"[gradients] {summary}"
-            table.add_row(name, kind, info.plugin, info.version, info.source, summary)
+            library = getattr(info.cls, "library", "") if kind == "explainer" else ""
+            table.add_row(name, kind, library, info.plugin, info.version, info.source,
+                          escape(summary))
     console.print(table)
     for name, what in sorted(registry.blocked.items()):
         console.print(f"blocked by -p no:{name}: {what}", highlight=False, markup=False)
@@ -106,7 +109,7 @@ def registry_json(registry, kind: str | None = None, name: str | None = None) ->
                               unit=info.cls.unit)
             elif info.kind == "explainer":
                 record.update(needs_gradients=info.cls.needs_gradients,
-                              uses_layer=info.cls.uses_layer)
+                              uses_layer=info.cls.uses_layer, library=info.cls.library)
             plugins.append(record)
     if name and not plugins:
         find_plugin(registry, name, kind)
