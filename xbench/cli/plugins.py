@@ -53,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
                 summary = f"[{info.cls.direction} is better] {summary}"
             elif kind == "explainer" and info.cls.needs_gradients:
                 summary = f"[gradients] {summary}"
-            library = getattr(info.cls, "library", "") if kind == "explainer" else ""
+            library = (info.cls.library or info.distribution) if kind == "explainer" else ""
             table.add_row(name, kind, library, info.plugin, info.version, info.source,
                           escape(summary))
     console.print(table)
@@ -109,7 +109,8 @@ def registry_json(registry, kind: str | None = None, name: str | None = None) ->
                               unit=info.cls.unit)
             elif info.kind == "explainer":
                 record.update(needs_gradients=info.cls.needs_gradients,
-                              uses_layer=info.cls.uses_layer, library=info.cls.library)
+                              uses_layer=info.cls.uses_layer,
+                              library=info.cls.library or info.distribution)
             plugins.append(record)
     if name and not plugins:
         find_plugin(registry, name, kind)
