@@ -18,6 +18,14 @@ next to the existing CAMs. pytorch-grad-cam is their test oracle (tests/test_cam
   A, v_1 its first right singular vector. 1 F + 0 B (class-agnostic).
 - ``eigengradcam`` (pytorch-grad-cam's EigenGradCAM): the same on G * A. 1 F + 1 B.
 
+- ``ablation-cam`` (Desai & Ramaswamy, WACV 2020): w_k = (y^c - y^c_k) / y^c with y^c_k the
+  score when channel k of the layer is set to 0, L = ReLU(sum_k w_k A^k). 1 + K forwards per
+  image (K channels), eager: the ablation happens inside the network, so the copies cannot go
+  through ``model.predict`` (the engine runs the whole network without hooks); they are
+  batched ``batch_size`` channels at a time. pytorch-grad-cam's AblationCAM sets the channel
+  to 0 only where the layer's minimum is 0 (post-ReLU layers, where the two agree) and to
+  ``min - 1e7`` elsewhere; here it is always 0, as the paper. Where y^c = 0 the weights are 0.
+
 The sign s of a singular vector is arbitrary (LAPACK returns either), and pytorch-grad-cam's
 EigenCAM keeps whatever numpy's SVD returns, so its map can come out as the *negative* of the
 component, whose ReLU then highlights the other side of the image. The sign rule is a declared
@@ -32,7 +40,7 @@ from __future__ import annotations
 import torch
 
 import xbench
-from xbench import Explainer, capture_activations, hookimpl
+from xbench import Explainer, capture_activations, hookimpl, masked_batch_size
 from xbench_plugins.gradcam import target_layer_gradients
 
 
@@ -143,7 +151,54 @@ class EigenGradCAM(_CAMVariant):
         return torch.relu(eigen_projection(gradient * activation, self.options.sign, activation))
 
 
+class AblationCAM(_CAMVariant):
+    """L = ReLU(sum_k w_k A^k), w_k = (y^c - y^c_k) / y^c, y^c_k with channel k zeroed
+    (Desai & Ramaswamy 2020); 1 + K forwards, 0 backward."""
+
+    name = "ablation-cam"
+    needs_gradients = False
+    summary = "Ablation-CAM: score drop when each channel is zeroed as its weight (1 + K forwards)"
+
+    class Options(xbench.Options):
+        batch_size: int | None = xbench.option(
+            None, "ablated copies per forward pass (default: by device)", minimum=1,
+            in_variant=False)
+
+    def explain(self, model, images, targets):
+        module = model.layer(self.layer)
+        with capture_activations(module, keep_grad=False) as store:
+            logits = model(images)
+        if "activation" not in store:
+            raise RuntimeError(f"layer {self.layer!r} was not called during the forward pass")
+        activation = store["activation"].detach()
+        score = logits.detach().gather(1, targets[:, None])[:, 0].float()  # y^c
+        batch, channels = activation.shape[:2]
+        ablated = torch.empty(batch, channels, device=images.device)
+        chunk = self.options.batch_size or masked_batch_size(images.device)
+        rows: dict[str, torch.Tensor] = {}
+
+        def zero_channel(_module, _inputs, output):
+            output = output.clone()
+            output[torch.arange(len(rows["channels"])), rows["channels"]] = 0
+            return output
+
+        handle = module.register_forward_hook(zero_channel)
+        try:
+            for b in range(batch):
+                for start in range(0, channels, chunk):
+                    rows["channels"] = torch.arange(start, min(start + chunk, channels),
+                                                    device=images.device)
+                    copies = images[b:b + 1].expand(len(rows["channels"]), -1, -1, -1)
+                    out = model(copies)
+                    ablated[b, rows["channels"]] = out[:, targets[b]].detach().float()
+        finally:
+            handle.remove()
+        safe = torch.where(score == 0, 1.0, score)[:, None]
+        weights = torch.where(score[:, None] == 0, 0.0, (score[:, None] - ablated) / safe)
+        return torch.relu((weights[:, :, None, None] * activation).sum(dim=1))
+
+
 @hookimpl
 def register_explainers(register):
-    for cls in (XGradCAM, HiResCAM, GradCAMElementWise, EigenCAM, EigenGradCAM):
+    for cls in (XGradCAM, HiResCAM, GradCAMElementWise, EigenCAM, EigenGradCAM, AblationCAM):
         register(cls)

@@ -8,7 +8,7 @@ import torch
 
 from xbench.data import load_image, sample_images
 from xbench.errors import UserError
-from xbench.model import ClassifierHandle
+from xbench.model import ClassifierHandle, capture_activations
 from xbench.plugins import build_registry
 from xbench.saliency import normalize_maps
 from xbench.testing import check_explainer, toy_images, toy_model
@@ -40,6 +40,49 @@ def peer_maps(peer_name, model, layer, images, targets) -> torch.Tensor:
     return torch.from_numpy(out).float()
 
 
+def ablation_peer(model, layer, images, targets) -> torch.Tensor:
+    return peer_maps("AblationCAM", model, layer, images, targets)
+
+
+@pytest.mark.parametrize("layer", ["block.1", "block"])  # post-ReLU: the peer ablates to 0 too
+def test_ablation_cam_agrees_with_pytorch_grad_cam_on_the_toy(layer):
+    model, images = toy_model(), toy_images(2, seed=4)
+    targets = model.probabilities(images).argmax(dim=1)
+    maps = explain("ablation-cam", model, images, targets, layer=layer, batch_size=5)
+    mine, degenerate = normalize_maps(maps, images.shape[-2:])
+    assert not degenerate.any()
+    theirs = ablation_peer(model, layer, images, targets)
+    for i in range(2):
+        assert pearson(mine[i], theirs[i]) >= 0.999, (layer, i)
+
+
+def test_ablation_cam_agrees_on_random_resnet18(resnet18):
+    images = toy_images(1, size=96, seed=8)
+    targets = torch.tensor([4])
+    maps = explain("ablation-cam", resnet18, images, targets, layer="layer4", batch_size=128)
+    mine, _ = normalize_maps(maps, images.shape[-2:])
+    assert pearson(mine[0], ablation_peer(resnet18, "layer4", images, targets)[0]) >= 0.999
+
+
+def test_ablation_cam_weights_by_hand():
+    """Toy head -> ReLU6 -> mean pool -> fc: zeroing channel k of the post-ReLU6 call site
+    lowers y^c by fc.weight[c, k] * mean(A^k)."""
+    model = toy_model()
+    images = toy_images(1, seed=9)
+    layer = "act.head"
+    with capture_activations(model.layer(layer), keep_grad=False) as store:
+        logits = model(images)
+    a = store["activation"].detach()
+    y = logits[0, 2].item()
+    weights = model.net.fc.weight[2].detach() * a.mean(dim=(2, 3))[0] / y
+    expected = torch.relu((weights[:, None, None] * a[0]).sum(dim=0))
+    with model.counting() as counts:
+        maps = explain("ablation-cam", model, images, torch.tensor([2]), layer=layer,
+                       batch_size=3)
+    assert torch.allclose(maps[0], expected, rtol=1e-4, atol=1e-6)
+    assert counts == {"forward": 1 + 16, "backward": 0}
+
+
 def explain(name, model, images, targets, layer=None, **options):
     with torch.enable_grad():
         return REGISTRY.explainer(name)(layer=layer, **options).explain(model, images, targets)
@@ -64,7 +107,7 @@ def assert_agrees(name, model, layer, images, targets):
             assert pearson(mine[i], theirs[i]) >= 0.999, (name, layer, i)
 
 
-@pytest.mark.parametrize("name", list(PEERS))
+@pytest.mark.parametrize("name", [*PEERS, "ablation-cam"])
 @pytest.mark.parametrize("layer", ["head", "block.0", "stem"])
 def test_conforms_on_every_layer(name, layer):
     assert REGISTRY.explainer(name).library == "xbench"
@@ -165,7 +208,7 @@ def test_pass_counts(name, forward, backward):
     assert (counts["forward"], counts["backward"]) == (3 * forward, 3 * backward)
 
 
-@pytest.mark.parametrize("name", list(PEERS))
+@pytest.mark.parametrize("name", [*PEERS, "ablation-cam"])
 def test_unknown_layer_and_bad_options(name):
     with pytest.raises(UserError, match="no layer 'nope'"):
         explain(name, toy_model(), toy_images(1), torch.tensor([0]), layer="nope")
