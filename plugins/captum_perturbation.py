@@ -18,7 +18,9 @@ RISE). Tested against captum called directly (tests/test_captum_perturbation.py)
   subsets of segments (kept segments as they are, others set to ``fill``);
   ``Lime(f, interpretable_model=SkLearnLasso(alpha=lasso_alpha), similarity_func=exp(-d^2 /
   w^2), d cosine distance, w = 1.0 (captum's defaults)).attribute(x, baselines=fill,
-  feature_mask, n_samples, target)``. ``samples`` forwards per image.
+  feature_mask, n_samples, target)``. ``samples`` forwards per image. Its default ``output`` is
+  the logit: the L1 penalty zeroes all weights fitted to probability differences on images
+  the model is unsure of.
 - ``kernel-shap`` (Lundberg & Lee, NeurIPS 2017): Shapley kernel-weighted linear regression
   on random coalitions of segments; ``KernelShap(f).attribute(x, baselines=fill,
   feature_mask, n_samples, target)``. ``samples`` forwards per image.
@@ -191,6 +193,11 @@ class LimeMap(CaptumPerturbation):
     stochastic = True
 
     class Options(SampledOptions):
+        # Lasso(alpha=0.01) on probability differences zeroes every weight when p_c is modest
+        # (the embedded cat photo, p = 0.38 on EfficientNet-Lite0: an all-zero map); logits
+        # keep the surrogate's weights above the L1 penalty.
+        output: str = xbench.option("logit", "score perturbed: logit or softmax probability "
+                                    "of the target", choices=("logit", "probability"))
         lasso_alpha: float = xbench.option(0.01, "L1 weight of the surrogate (captum's "
                                            "default)", minimum=0.0)
 

@@ -158,3 +158,19 @@ def test_bad_options_are_clear():
         REGISTRY.explainer("occlusion")(fill=2.0)
     with pytest.raises(UserError, match="occlusion: option window=64.*larger"):
         explain("occlusion", toy_model(), toy_images(1), torch.tensor([0]), window=64)
+
+
+@pytest.mark.slow
+def test_lime_default_is_not_degenerate_on_efficientnet_lite0():
+    """With probability outputs captum's Lasso(alpha=0.01) zeroes every weight on the cat
+    photo (p = 0.38): the reason lime's default output is the logit."""
+    from xbench.data import load_image, sample_images
+
+    model = ClassifierHandle(REGISTRY.model("efficientnet-lite0")().load())
+    path = sample_images()[0][1]
+    image = load_image(path, model.loaded.resize_size, model.input_size)[None]
+    target = model.probabilities(image).argmax(dim=1)
+    lime = REGISTRY.explainer("lime")
+    assert lime().options.output == "logit"
+    assert explain("lime", model, image, target, samples=60).amax() > 0
+    assert explain("lime", model, image, target, samples=60, output="probability").amax() == 0
