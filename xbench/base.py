@@ -43,6 +43,9 @@ class Explainer(Configurable, RecordsVariant, ABC):
     uses_layer: ClassVar[bool] = True
     #: one-line description shown by ``xbench plugins``
     summary: ClassVar[str] = ""
+    #: the library an adapter calls to compute the maps ("captum"); empty when the plugin's own
+    #: code does (``xbench plugins`` then shows the plugin's distribution)
+    library: ClassVar[str] = ""
 
     plugin_kind: ClassVar[str] = "explainer"
 

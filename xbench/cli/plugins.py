@@ -41,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
             console.print(options_table(info))
         return 0
     table = Table(title="xbench plugins")
-    for column in ("name", "kind", "plugin", "version", "source", "summary"):
+    for column in ("name", "kind", "library", "plugin", "version", "source", "summary"):
         table.add_column(column, overflow="fold")
     for kind, entries in registry.entries.items():
         if args.kind and kind != args.kind:
@@ -53,9 +53,10 @@ def run(args: argparse.Namespace) -> int:
                 summary = f"[{info.cls.direction} is better] {summary}"
             elif kind == "explainer" and info.cls.needs_gradients:
                 summary = f"[gradients] {summary}"
+            library = (info.cls.library or info.distribution) if kind == "explainer" else ""
             # escaped: rich would read the tags ('[gradients]') and any bracket as markup
-            table.add_row(*map(escape, (name, kind, info.plugin, info.version, info.source,
-                                        summary)))
+            table.add_row(*map(escape, (name, kind, library, info.plugin, info.version,
+                                        info.source, summary)))
     console.print(table)
     for name, what in sorted(registry.blocked.items()):
         console.print(f"blocked by -p no:{name}: {what}", highlight=False, markup=False)
@@ -109,7 +110,8 @@ def registry_json(registry, kind: str | None = None, name: str | None = None) ->
                               unit=info.cls.unit)
             elif info.kind == "explainer":
                 record.update(needs_gradients=info.cls.needs_gradients,
-                              uses_layer=info.cls.uses_layer)
+                              uses_layer=info.cls.uses_layer,
+                              library=info.cls.library or info.distribution)
             plugins.append(record)
     if name and not plugins:
         find_plugin(registry, name, kind)
