@@ -84,6 +84,17 @@ def test_ablation_cam_weights_by_hand():
                        batch_size=3)
     assert torch.allclose(maps[0], expected, rtol=1e-4, atol=1e-6)
     assert counts == {"forward": 1 + 16, "backward": 0}
+    # max_channels: only the 5 channels of largest mean activation are ablated, the rest
+    # weigh 0, for 1 + 5 forwards
+    top = a.mean(dim=(2, 3))[0].topk(5).indices
+    kept = torch.zeros_like(weights)
+    kept[top] = weights[top]
+    expected = torch.relu((kept[:, None, None] * a[0]).sum(dim=0))
+    with model.counting() as counts:
+        maps = explain("ablation-cam", model, images, torch.tensor([2]), layer=layer,
+                       batch_size=3, max_channels=5)
+    assert torch.allclose(maps[0], expected, rtol=1e-4, atol=1e-6)
+    assert counts == {"forward": 1 + 5, "backward": 0}
 
 
 def explain(name, model, images, targets, layer=None, **options):
