@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -33,7 +34,7 @@ from xbench.errors import UserError
 BUILTIN_DATA = ("digits", "cifar10", "cifar100")
 DIGITS_TEST_FRACTION = 0.3
 DIGITS_SPLIT_SEED = 0  # fixed: --seed varies training only, never which digits are held out
-DEFAULT_LAMBDAS = "0.5,0.9,0.95,0.98,0.99"
+DEFAULT_LAMBDAS = "0.5,0.9,0.99,0.998"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -82,6 +83,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--compare", action="store_true",
                         help="train the Table-1 rows (independent, global, local at each --lambdas) "
                              "from one starting point; --out is then a folder")
+    # argparse < 3.13 reads "-1,0.5" as an unknown option; this parser has no option that looks
+    # like a negative number, so such a token can only be a value
+    parser._negative_number_matcher = re.compile(r"^-\d*\.?\d+([,\s]+-?\d*\.?\d+)*$")
     parser.add_argument("--lambdas", default=DEFAULT_LAMBDAS, metavar="L,L,...",
                         help="with --compare: one local-transfer run per lambda (-1 = the global row, "
                              f"always trained; default {DEFAULT_LAMBDAS}, chosen so that the digits "
