@@ -41,8 +41,10 @@ available to us does not pin (only the abstract could be consulted), each one a 
 
 Reproduce (``xbench train mutual-transfer --help``):
 - digits Table-1 demo: ``xbench train mutual-transfer --data digits --compare --out DIR``
-  (small-wrn + small-mobilenet, lambda 0.5, beta 1, grid 2x2, 3 epochs, batch 32, seed 0;
-  held-out 540 digits, stratified split with fixed seed 0);
+  (small-wrn + small-mobilenet; independent, global and local at lambda 0.5, 0.9, 0.99, 0.998
+  (``--lambdas``), beta 1, grid 2x2, 3 epochs, batch 32, seed 0; held-out 540 digits,
+  stratified split with fixed seed 0); ``python -m xbench_plugins.mutual_transfer_report
+  DIR/table1.json PLOT.png`` draws kept fraction and top-1 against lambda;
 - ImageNet scale: ``--st1 efficientnet-lite0 --st2 efficientnet-lite1 --data
   ../shared/data/imagenet_sample_1000 --val-data ../shared/data/ilsvrc2012_val_1000 --lr 0.001
   --batch-size 16 --freeze-bn --compare`` (with ``--limit`` / ``--val-limit`` on a shared CPU).
@@ -405,7 +407,7 @@ def build_student(arch: str, num_classes: int, pretrained: bool, seed: int | Non
         raise UserError(f"unknown student architecture {arch!r}; choose one of {', '.join(ARCHS)}")
     from efficientnet_lite_pytorch import EfficientNet
 
-    from xbench_plugins.efficientnet_lite import _WEIGHT_PACKAGES
+    from xbench_plugins.efficientnet_lite import _WEIGHT_PACKAGES, INPUT_MEAN, INPUT_STD
 
     variant = EFFICIENTNET_ARCHS[arch]
     size = _WEIGHT_PACKAGES[variant][2]
@@ -419,8 +421,9 @@ def build_student(arch: str, num_classes: int, pretrained: bool, seed: int | Non
         net._fc = nn.Linear(net._fc.in_features, num_classes)
     layers = efficientnet_stage_ends(net, size)
     net = net.to(memory_format=torch.channels_last)
-    return Student(arch, net, num_classes, size, int(round(size / 0.875)), (0.5, 0.5, 0.5),
-                   (0.5, 0.5, 0.5), layers, "_swish._bn1", pretrained, channels_last=True)
+    # the protocol-2 input scaling of the efficientnet-lite plugin, (x_uint8 - 127) / 128
+    return Student(arch, net, num_classes, size, int(round(size / 0.875)), INPUT_MEAN, INPUT_STD,
+                   layers, "_swish._bn1", pretrained, channels_last=True)
 
 
 def student_forward(student: Student, images: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:

@@ -462,6 +462,13 @@ def test_efficientnet_transfer_points_are_stage_ends():
     assert mt.efficientnet_stage_ends(net, 224) == ("_blocks.4", "_blocks.10", "_blocks.15")
 
 
+def test_efficientnet_student_uses_protocol_2_inputs():
+    student = mt.build_student("efficientnet-lite0", 10, pretrained=False)
+    assert student.default_layer == "_swish._bn1"
+    x = torch.tensor([0.0, 127 / 255, 1.0]).view(1, 3, 1, 1).expand(1, 3, 224, 224)
+    assert torch.allclose(student.prepare(x)[0, :, 0, 0], torch.tensor([-127 / 128, 0.0, 1.0]), atol=1e-6)
+
+
 # --- the command ------------------------------------------------------------------------------
 
 def _cli(out, *extra):
