@@ -142,11 +142,12 @@ def paired_tests(histories: dict[str, list[dict[str, Any]]], references: Sequenc
 
 
 def plot_sweep(table: dict[str, Any], path: str | Path, epoch_lambda: float | None = None) -> Path:
-    """Kept fraction and top-1 against lambda (left), and per epoch for one local lambda (right).
+    """Three panels from a ``table1.json``: kept fraction against lambda (first and last epoch),
+    top-1 of both students against lambda with 95% Wilson intervals (independent training as
+    dotted lines), and kept fraction per layer pair and top-1 per epoch for one local lambda.
 
-    ``table`` is a ``table1.json``; global transfer is drawn at lambda -1, independent training
-    as horizontal lines. ``epoch_lambda`` defaults to the local lambda whose last-epoch kept
-    fraction is nearest 50%.
+    Lambdas are evenly spaced categories (global transfer first); ``epoch_lambda`` defaults to
+    the local lambda whose first-epoch kept fraction is nearest 50%.
     """
     import matplotlib
 
@@ -160,47 +161,53 @@ def plot_sweep(table: dict[str, Any], path: str | Path, epoch_lambda: float | No
     if not transfer:
         raise ValueError("no transfer rows to plot")
     if epoch_lambda is None and local:
-        epoch_lambda = min(local, key=lambda r: abs(r["kept_last"] - 0.5))["lambda"]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+        epoch_lambda = min(local, key=lambda r: abs(r["kept_first"] - 0.5))["lambda"]
+    colours = {"st1": "tab:blue", "st2": "tab:orange"}
+    x = list(range(len(transfer)))
+    labels = ["global" if r["lambda"] <= -1 else f"{r['lambda']:g}" for r in transfer]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     ax = axes[0]
-    lams = [r["lambda"] for r in transfer]
-    ax.plot(lams, [r["kept_first"] for r in transfer], "o--", color="0.5", label="kept, first epoch")
-    ax.plot(lams, [r["kept_last"] for r in transfer], "o-", color="k", label="kept, last epoch")
-    for member, colour in (("st1", "tab:blue"), ("st2", "tab:orange")):
+    ax.plot(x, [r["kept_first"] for r in transfer], "o--", color="0.5", label="first epoch")
+    ax.plot(x, [r["kept_last"] for r in transfer], "o-", color="k", label="last epoch")
+    ax.set_ylabel("fraction of regions kept (r > lambda)")
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_title("kept regions against lambda")
+    ax = axes[1]
+    for member, colour in colours.items():
         top = [r[f"top1_{member}"] for r in transfer]
         ci = [r.get(f"top1_{member}_ci95") for r in transfer]
         if all(ci):
-            ax.errorbar(lams, top, yerr=[[t - c[0] for t, c in zip(top, ci)], [c[1] - t for t, c in zip(top, ci)]],
-                        fmt="s-", color=colour, capsize=3, label=f"top-1 {member.upper()} (95% Wilson)")
+            ax.errorbar(x, top, yerr=[[t - c[0] for t, c in zip(top, ci)], [c[1] - t for t, c in zip(top, ci)]],
+                        fmt="s-", color=colour, capsize=3, label=f"{member.upper()} (95% Wilson)")
         else:
-            ax.plot(lams, top, "s-", color=colour, label=f"top-1 {member.upper()}")
+            ax.plot(x, top, "s-", color=colour, label=member.upper())
         if independent is not None:
-            ax.axhline(independent[f"top1_{member}"], color=colour, ls=":", lw=1,
-                       label=f"top-1 {member.upper()} independent")
-    ax.set_xlabel("lambda (-1 = global transfer)")
-    ax.set_ylabel("fraction")
-    ax.set_ylim(0, 1.02)
-    ax.set_title(f"{table.get('train', '')} -> {table.get('test', '')} ({table.get('test_images', '?')} images)")
-    ax.legend(fontsize=7, loc="lower left")
-    ax = axes[1]
+            ax.axhline(independent[f"top1_{member}"], color=colour, ls=":", lw=1.2,
+                       label=f"{member.upper()} independent")
+    ax.set_ylabel("top-1, last epoch")
+    ax.set_title(f"top-1 on {table.get('test', '')} ({table.get('test_images', '?')} images)")
+    for ax in axes[:2]:
+        ax.set_xticks(x, labels)
+        ax.set_xlabel("lambda")
+        ax.legend(fontsize=7)
+    ax = axes[2]
     chosen = next((r for r in local if r["lambda"] == epoch_lambda), None)
     if chosen is not None:
-        epochs = range(1, len(chosen["kept_per_epoch"]) + 1)
-        ax.plot(epochs, chosen["kept_per_epoch"], "o-", color="k", label="kept, all layer pairs")
-        history = table["histories"][chosen["regime"]]
-        mutual = [r for r in history if r.get("phase") == "mutual"]
+        mutual = [r for r in table["histories"][chosen["regime"]] if r.get("phase") == "mutual"]
+        epochs = list(range(1, len(mutual) + 1))
+        ax.plot(epochs, [r["kept"] for r in mutual], "o-", color="k", label="kept, all layer pairs")
         for j in range(len(_layer_kept(mutual[0]))):
             ax.plot(epochs, [_layer_kept(r)[j] for r in mutual], ".--", lw=1, label=f"kept, layer pair {j + 1}")
-        for member, colour in (("st1", "tab:blue"), ("st2", "tab:orange")):
+        for member, colour in colours.items():
             ax.plot(epochs, chosen["top1_per_epoch"][member], "s-", color=colour, label=f"top-1 {member.upper()}")
-        ax.set_xticks(list(epochs))
+        ax.set_xticks(epochs)
         ax.set_title(f"per epoch, lambda {epoch_lambda:g}")
     ax.set_xlabel("epoch")
-    ax.set_ylim(0, 1.02)
-    ax.legend(fontsize=7, loc="lower left")
+    ax.set_ylim(-0.02, 1.02)
+    ax.legend(fontsize=7)
     fig.tight_layout()
     path = Path(path)
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
 
