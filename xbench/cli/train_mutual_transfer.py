@@ -34,7 +34,7 @@ from xbench.errors import UserError
 BUILTIN_DATA = ("digits", "cifar10", "cifar100")
 DIGITS_TEST_FRACTION = 0.3
 DIGITS_SPLIT_SEED = 0  # fixed: --seed varies training only, never which digits are held out
-DEFAULT_LAMBDAS = "0.5,0.6,0.7,0.8,0.9,0.99"
+DEFAULT_LAMBDAS = "0.5,0.6,0.7,0.8,0.85,0.9,0.99"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
