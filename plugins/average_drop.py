@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from xbench import Metric, MetricBatch, hookimpl
-from xbench.saliency import retention_masks
+import xbench
+from xbench import Metric, MetricBatch, hookimpl, retention_masks
 
 DEFAULT_RETENTIONS = (1.0, 0.5, 0.15)
 MASKINGS = ("continuous", "binary")
@@ -45,19 +45,22 @@ def masked_probabilities(batch: MetricBatch, retentions: tuple[float, ...], mask
 class _RetentionMetric(Metric):
     unit = "%"
 
-    def __init__(self, retentions: tuple[float, ...] = DEFAULT_RETENTIONS,
-                 masking: str = "continuous", **options):
-        super().__init__(**options)
-        if masking not in MASKINGS:
-            raise ValueError(f"metric {self.name!r}: masking must be one of {MASKINGS}, "
-                             f"got {masking!r}")
-        self.retentions = tuple(float(r) for r in retentions)
-        self.masking = masking
+    class Options(xbench.Options):
+        retentions: tuple[float, ...] = xbench.option(
+            DEFAULT_RETENTIONS, "fractions of the map kept, one column each", above=0.0,
+            maximum=1.0)
+        masking: str = xbench.option(
+            "continuous", "multiply by the map (continuous) or keep its top pixels (binary)",
+            choices=MASKINGS)
+
+    def format_variant(self, changed):
+        # the score keys already name the retention and a non-default masking (see _variant)
+        return ""
 
     def score(self, batch):
-        masked = masked_probabilities(batch, self.retentions, self.masking)
-        return {_variant(r, self.masking): self.per_image(batch.clean_probs, masked[r])
-                for r in self.retentions}
+        masked = masked_probabilities(batch, self.options.retentions, self.options.masking)
+        return {_variant(r, self.options.masking): self.per_image(batch.clean_probs, masked[r])
+                for r in self.options.retentions}
 
     @staticmethod
     def per_image(clean: torch.Tensor, masked: torch.Tensor) -> torch.Tensor:

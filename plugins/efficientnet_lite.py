@@ -16,9 +16,8 @@ import importlib
 
 import torch
 
-from xbench import LoadedModel, Model, hookimpl
-from xbench.errors import UserError
-from xbench_plugins.imagenet_meta import class_names
+from xbench import LoadedModel, Model, UserError, hookimpl
+from xbench import imagenet_class_names as class_names
 
 #: (x - 127/255) / (128/255) on [0, 1] pixels is exactly (x_uint8 - 127) / 128
 INPUT_MEAN = (127 / 255,) * 3

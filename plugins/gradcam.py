@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from xbench import Explainer, hookimpl
-from xbench.model import ClassifierHandle, capture_activations
+from xbench import ClassifierHandle, Explainer, capture_activations, hookimpl
 
 
 def target_layer_gradients(model: ClassifierHandle, layer: str | None, images: torch.Tensor,

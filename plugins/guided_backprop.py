@@ -35,9 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from xbench import Explainer, hookimpl
-from xbench.errors import UserError
-from xbench.model import ClassifierHandle, capture_activations
+from xbench import ClassifierHandle, Explainer, UserError, capture_activations, hookimpl
 
 RELU_FAMILY: tuple[type[nn.Module], ...] = (nn.ReLU, nn.ReLU6, nn.LeakyReLU)
 

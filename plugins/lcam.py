@@ -40,9 +40,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from xbench import Explainer, hookimpl
-from xbench.errors import UserError
-from xbench.model import ClassifierHandle, capture_activations
+import xbench
+from xbench import ClassifierHandle, Explainer, UserError, capture_activations, hookimpl
 
 VARIANTS = ("fm", "img")
 CHECKPOINT_FORMAT = "xbench-lcam/1"
@@ -339,20 +338,20 @@ class _LCAM(Explainer):
     needs_gradients = False
     uses_layer = True
 
-    def __init__(self, layer: str | None = None, seed: int = 0, checkpoint: str | None = None,
-                 **options: Any) -> None:
-        super().__init__(layer=layer, seed=seed, **options)
-        self.checkpoint = checkpoint
+    class Options(xbench.Options):
+        checkpoint: str | None = xbench.option(
+            None, "trained head (xbench train lcam; default: the shipped head of the model)")
 
-    @property
-    def variant(self) -> str:
-        if self.checkpoint is None:
+    def format_variant(self, changed):
+        # a file is recorded by name and content digest, so a retrained head is a new variant
+        checkpoint = self.options.checkpoint
+        if checkpoint is None:
             return "checkpoint=shipped"
-        return f"checkpoint={Path(self.checkpoint).name}@{file_digest(self.checkpoint)}"
+        return f"checkpoint={Path(checkpoint).name}@{file_digest(checkpoint)}"
 
     def resolve_checkpoint(self, model: ClassifierHandle) -> Path:
-        if self.checkpoint is not None:
-            return Path(self.checkpoint)
+        if self.options.checkpoint is not None:
+            return Path(self.options.checkpoint)
         path = default_checkpoint(self.lcam_variant, model.name)
         if not path.is_file():
             shipped = sorted(p.stem.split("_", 1)[1] for p in ASSETS.glob(f"lcam-{self.lcam_variant}_*.pt"))
@@ -523,3 +522,8 @@ def mean_stats(stats: Sequence[StepStats]) -> dict[str, float]:
     out["acc"] = sum(s.correct for s in stats) / total
     return out
 
+
+@hookimpl
+def register_commands(register):
+    register("train lcam", help="train an L-CAM attention head on a frozen classifier",
+             configure="xbench.cli.train_lcam:add_arguments", run="xbench.cli.train_lcam:run")

@@ -41,8 +41,10 @@ available to us does not pin (only the abstract could be consulted), each one a 
 
 Reproduce (``xbench train mutual-transfer --help``):
 - digits Table-1 demo: ``xbench train mutual-transfer --data digits --compare --out DIR``
-  (small-wrn + small-mobilenet, lambda 0.5, beta 1, grid 2x2, 3 epochs, batch 32, seed 0;
-  held-out 540 digits, stratified split with fixed seed 0);
+  (small-wrn + small-mobilenet; independent, global and local at lambda 0.5, 0.9, 0.99, 0.998
+  (``--lambdas``), beta 1, grid 2x2, 3 epochs, batch 32, seed 0; held-out 540 digits,
+  stratified split with fixed seed 0); ``python -m xbench_plugins.mutual_transfer_report
+  DIR/table1.json PLOT.png`` draws kept fraction and top-1 against lambda;
 - ImageNet scale: ``--st1 efficientnet-lite0 --st2 efficientnet-lite1 --data
   ../shared/data/imagenet_sample_1000 --val-data ../shared/data/ilsvrc2012_val_1000 --lr 0.001
   --batch-size 16 --freeze-bn --compare`` (with ``--limit`` / ``--val-limit`` on a shared CPU).
@@ -61,8 +63,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from xbench import LoadedModel, Model, hookimpl
-from xbench.errors import UserError
+import xbench
+from xbench import LoadedModel, Model, UserError, hookimpl
 
 CHECKPOINT_FORMAT = "xbench-mutual-transfer"
 CHECKPOINT_VERSION = 1
@@ -131,13 +133,15 @@ def pearson(x: torch.Tensor, y: torch.Tensor, eps: float = 1e-12) -> torch.Tenso
     """Pearson correlation of each row of x and y, (B, n) -> (B,) (eq. 4).
 
     r = sum (x - mean x)(y - mean y) / sqrt(sum (x - mean x)^2 * sum (y - mean y)^2);
-    a row with zero variance in either input gives 0.
+    a row with zero variance in either input gives 0. Clamped to [-1, 1]: rounding can put a
+    proportional pair at 1 + 1e-7, which a threshold lambda = 1 must still drop.
     """
     xc = x - x.mean(dim=1, keepdim=True)
     yc = y - y.mean(dim=1, keepdim=True)
     cov = (xc * yc).sum(dim=1)
     scale = xc.pow(2).sum(dim=1).sqrt() * yc.pow(2).sum(dim=1).sqrt()
-    return torch.where(scale > eps, cov / scale.clamp_min(eps), torch.zeros_like(cov))
+    r = torch.where(scale > eps, cov / scale.clamp_min(eps), torch.zeros_like(cov))
+    return r.clamp(-1.0, 1.0)
 
 
 def region_correlations(regions1: list[torch.Tensor], regions2: list[torch.Tensor]) -> torch.Tensor:
@@ -166,10 +170,16 @@ class TransferTerms:
     kept: int = 0
     total: int = 0
     correlations: list[torch.Tensor] = field(default_factory=list)  # per layer (B, k)
+    layer_kept: list[int] = field(default_factory=list)  # kept regions per layer pair
+    layer_total: list[int] = field(default_factory=list)
 
     @property
     def kept_fraction(self) -> float:
         return self.kept / self.total if self.total else 0.0
+
+    @property
+    def layer_kept_fractions(self) -> list[float]:
+        return [k / t if t else 0.0 for k, t in zip(self.layer_kept, self.layer_total)]
 
 
 def transfer_terms(maps1: Sequence[torch.Tensor], maps2: Sequence[torch.Tensor],
@@ -194,8 +204,10 @@ def transfer_terms(maps1: Sequence[torch.Tensor], maps2: Sequence[torch.Tensor],
             r = region_correlations([q.detach() for q in regions1], [q.detach() for q in regions2])
         keep = region_mask(r, lam).to(m1.dtype)
         terms.correlations.append(r)
-        terms.kept += int(keep.sum())
-        terms.total += keep.numel()
+        terms.layer_kept.append(int(keep.sum()))
+        terms.layer_total.append(keep.numel())
+        terms.kept += terms.layer_kept[-1]
+        terms.total += terms.layer_total[-1]
         for k, (q1, q2) in enumerate(zip(regions1, regions2)):
             target2 = q2.detach() if detach_target else q2
             target1 = q1.detach() if detach_target else q1
@@ -395,7 +407,7 @@ def build_student(arch: str, num_classes: int, pretrained: bool, seed: int | Non
         raise UserError(f"unknown student architecture {arch!r}; choose one of {', '.join(ARCHS)}")
     from efficientnet_lite_pytorch import EfficientNet
 
-    from xbench_plugins.efficientnet_lite import _WEIGHT_PACKAGES
+    from xbench_plugins.efficientnet_lite import _WEIGHT_PACKAGES, INPUT_MEAN, INPUT_STD
 
     variant = EFFICIENTNET_ARCHS[arch]
     size = _WEIGHT_PACKAGES[variant][2]
@@ -409,8 +421,9 @@ def build_student(arch: str, num_classes: int, pretrained: bool, seed: int | Non
         net._fc = nn.Linear(net._fc.in_features, num_classes)
     layers = efficientnet_stage_ends(net, size)
     net = net.to(memory_format=torch.channels_last)
-    return Student(arch, net, num_classes, size, int(round(size / 0.875)), (0.5, 0.5, 0.5),
-                   (0.5, 0.5, 0.5), layers, "_swish._bn1", pretrained, channels_last=True)
+    # the protocol-2 input scaling of the efficientnet-lite plugin, (x_uint8 - 127) / 128
+    return Student(arch, net, num_classes, size, int(round(size / 0.875)), INPUT_MEAN, INPUT_STD,
+                   layers, "_swish._bn1", pretrained, channels_last=True)
 
 
 def student_forward(student: Student, images: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -513,11 +526,14 @@ def _augment(images: torch.Tensor, flip: bool, seed: int) -> torch.Tensor:
 
 
 def mutual_step(st1: Student, st2: Student, optimizer: torch.optim.Optimizer, images: torch.Tensor,
-                labels: torch.Tensor, config: TrainConfig) -> dict[str, float]:
+                labels: torch.Tensor, config: TrainConfig,
+                correlations: list[list[torch.Tensor]] | None = None) -> dict[str, float]:
     """One step: both forwards, L_1 and L_2 (eq. 5), one backward of L_1 + L_2, one update.
 
     With the other student's map detached, d(L_1 + L_2)/d(theta_1) = dL_1/d(theta_1) and likewise
-    for student 2, so one backward pass updates each student on its own loss.
+    for student 2, so one backward pass updates each student on its own loss. The row has the
+    kept fraction overall (``kept``) and per layer pair (``kept_l1``, ``kept_l2``, ...); when
+    ``correlations`` is a list, this step's per-layer (B, k) Pearson r are appended to it.
     """
     logits1, maps1 = student_forward(st1, images)
     logits2, maps2 = student_forward(st2, images)
@@ -527,12 +543,39 @@ def mutual_step(st1: Student, st2: Student, optimizer: torch.optim.Optimizer, im
     optimizer.zero_grad(set_to_none=True)
     (loss1 + loss2).backward()
     optimizer.step()
+    if correlations is not None:
+        correlations.append([r.detach() for r in terms.correlations])
     return {"loss_st1": float(loss1.detach()), "loss_st2": float(loss2.detach()),
             "transfer_st1": float(terms.student1.detach().mean()),
             "transfer_st2": float(terms.student2.detach().mean()),
             "kept": float(terms.kept_fraction),
+            **{f"kept_l{j + 1}": f for j, f in enumerate(terms.layer_kept_fractions)},
             "acc_st1": float((logits1.argmax(1) == labels).float().mean()),
             "acc_st2": float((logits2.argmax(1) == labels).float().mean())}
+
+
+#: quantile levels of the Pearson r the gate saw in an epoch (history key ``r_quantiles``)
+R_QUANTILE_LEVELS = (0.01, 0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 0.95, 0.99)
+
+
+def correlation_summary(steps: list[list[torch.Tensor]],
+                        levels: Sequence[float] = R_QUANTILE_LEVELS) -> dict[str, Any]:
+    """Quantiles of every region's r over an epoch, overall and per layer pair.
+
+    ``steps[s][j]`` is step s's (B, k) r at layer pair j. Returns {"levels": [...], "all": [...],
+    "layers": [[...] per layer]}: what one needs to pick lambdas that keep a chosen fraction
+    (a lambda at the q-quantile keeps about 1 - q of the regions).
+    """
+    if not steps:
+        return {}
+    q = torch.tensor(levels, dtype=torch.float64)
+    layers = [torch.cat([s[j].flatten() for s in steps]).double() for j in range(len(steps[0]))]
+
+    def quantiles(values: torch.Tensor) -> list[float]:
+        return [round(float(v), 6) for v in torch.quantile(values, q)]
+
+    return {"levels": list(levels), "all": quantiles(torch.cat(layers)),
+            "layers": [quantiles(v) for v in layers]}
 
 
 def pretrain_step(student: Student, optimizer: torch.optim.Optimizer, images: torch.Tensor,
@@ -546,18 +589,25 @@ def pretrain_step(student: Student, optimizer: torch.optim.Optimizer, images: to
     return {"loss_st1": float(loss.detach()), "acc_st1": float((logits.argmax(1) == labels).float().mean())}
 
 
-def evaluate(student: Student, data: ImageSet, batch_size: int = 100,
-             on_batch: Any = None) -> float:
-    """Top-1 accuracy of ``student`` on ``data`` (eval mode, no autograd)."""
+def correct_predictions(student: Student, data: ImageSet, batch_size: int = 100,
+                        on_batch: Any = None) -> torch.Tensor:
+    """Per image of ``data``, whether ``student``'s top-1 class is the label: (N,) bool
+    (eval mode, no autograd); paired tests between regimes compare these image by image."""
     student.net.eval()
-    correct = 0
+    hits = []
     with torch.inference_mode():
         for index in torch.arange(len(data)).split(batch_size):
             images, labels = data.batch(index)
-            correct += int((student.net(student.prepare(images)).argmax(1) == labels).sum())
+            hits.append(student.net(student.prepare(images)).argmax(1) == labels)
             if on_batch is not None:
                 on_batch(len(index))
-    return correct / max(len(data), 1)
+    return torch.cat(hits) if hits else torch.zeros(0, dtype=torch.bool)
+
+
+def evaluate(student: Student, data: ImageSet, batch_size: int = 100,
+             on_batch: Any = None) -> float:
+    """Top-1 accuracy of ``student`` on ``data`` (eval mode, no autograd)."""
+    return int(correct_predictions(student, data, batch_size, on_batch).sum()) / max(len(data), 1)
 
 
 def _mean_metrics(rows: list[dict[str, float]]) -> dict[str, float]:
@@ -604,22 +654,27 @@ class MutualTrainer:
         self.epoch = int(payload["epoch"])
         self.history = list(payload["history"])
 
-    def train_epoch(self, data: ImageSet, on_step: Any = None) -> dict[str, float]:
-        """One epoch over ``data`` (seeded order, flips and dropout: resuming repeats it exactly)."""
+    def train_epoch(self, data: ImageSet, on_step: Any = None) -> dict[str, Any]:
+        """One epoch over ``data`` (seeded order, flips and dropout: resuming repeats it exactly).
+
+        Returns the step means (losses, kept fractions overall and per layer pair) and
+        ``r_quantiles``, the distribution of the Pearson r the gate saw (correlation_summary).
+        """
         self.epoch += 1
         cfg = self.config
         set_train_mode(self.st1, cfg.freeze_bn)
         set_train_mode(self.st2, cfg.freeze_bn)
         torch.manual_seed(cfg.seed * 1009 + self.epoch)
         rows = []
+        correlations: list[list[torch.Tensor]] = []
         for step, index in enumerate(epoch_batches(len(data), cfg.batch_size, cfg.seed * 1009 + self.epoch)):
             images, labels = data.batch(index)
             images = _augment(images, data.flip, cfg.seed * 100003 + self.epoch * 1009 + step)
-            rows.append(mutual_step(self.st1, self.st2, self.optimizer, images, labels, cfg))
+            rows.append(mutual_step(self.st1, self.st2, self.optimizer, images, labels, cfg, correlations))
             self.scheduler.step()
             if on_step is not None:
                 on_step("mutual", self.epoch, rows[-1])
-        return _mean_metrics(rows)
+        return {**_mean_metrics(rows), "r_quantiles": correlation_summary(correlations)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -690,16 +745,17 @@ class MutualTransferModel(Model):
     """One student (``member`` st1 or st2) of a mutual-transfer checkpoint."""
 
     name = "mutual-transfer"
-    summary = ("a student trained with local attention map mutual transfer (Cheng et al. 2022); "
-               "options checkpoint=CKPT, member=st1|st2")
+    summary = "a student trained with local attention map mutual transfer (Cheng et al. 2022)"
 
-    def __init__(self, weights: str | None = None, checkpoint: str | None = None, member: str = "st1",
-                 **options: Any) -> None:
-        super().__init__(weights=weights, **options)
-        self.checkpoint = checkpoint or weights
-        if member not in MEMBERS:
-            raise UserError(f"model 'mutual-transfer': member must be 'st1' or 'st2', got {member!r}")
-        self.member = member
+    class Options(Model.Options):
+        checkpoint: str | None = xbench.option(
+            None, "checkpoint of 'xbench train mutual-transfer' (--checkpoint; weights works too)")
+        member: str = xbench.option("st1", "which student of the checkpoint (--member)",
+                                    choices=MEMBERS)
+
+    @property
+    def checkpoint(self) -> str | None:
+        return self.options.checkpoint or self.options.weights
 
     def load(self) -> LoadedModel:
         if not self.checkpoint:
@@ -708,13 +764,13 @@ class MutualTransferModel(Model):
                 "'xbench train mutual-transfer --st1 small-wrn --st2 small-mobilenet --data digits "
                 "--lambda 0.5 --beta 1 --epochs 4 --out mt.pt' (a few minutes on a CPU)")
         payload = read_checkpoint(self.checkpoint)
-        student = restore_student(payload["members"][self.member])
+        student = restore_student(payload["members"][self.options.member])
         return LoadedModel(
             module=student.net.eval(), input_size=student.input_size, mean=student.mean,
             std=student.std, class_names=tuple(payload["class_names"]),
             default_layer=student.default_layer, resize_size=student.resize_size,
-            weights=f"{self.checkpoint}#{self.member}",
-            extra={"member": self.member, "arch": student.arch,
+            weights=f"{self.checkpoint}#{self.options.member}",
+            extra={"member": self.options.member, "arch": student.arch,
                    "config": dict(payload.get("config", {}))},
         )
 
@@ -722,3 +778,11 @@ class MutualTransferModel(Model):
 @hookimpl
 def register_models(register):
     register(MutualTransferModel)
+
+
+@hookimpl
+def register_commands(register):
+    register("train mutual-transfer",
+             help="train two students with local attention map mutual transfer",
+             configure="xbench.cli.train_mutual_transfer:add_arguments",
+             run="xbench.cli.train_mutual_transfer:run")

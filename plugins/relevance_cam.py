@@ -89,8 +89,8 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from xbench import Explainer, hookimpl
-from xbench.model import ClassifierHandle, capture_activations
+import xbench
+from xbench import ClassifierHandle, Explainer, capture_activations, hookimpl
 
 #: elementwise activations whose derivative is replaced by the LRP ratio g(z) / z; all have
 #: g(0) = 0, so the ratio is taken as 0 where z = 0 (the unit carries no relevance there)
@@ -213,22 +213,16 @@ class RelevanceCAM(Explainer):
     summary = ("relevance-cam: LRP-eps relevance at the target layer as channel weights and "
                "spatial mask, for shallow layers (1 F + 1 B)")
 
-    def __init__(self, layer: str | None = None, seed: int = 0, epsilon: float = 1e-9,
-                 **options) -> None:
-        super().__init__(layer=layer, seed=seed, **options)
-        epsilon = float(epsilon)
-        if not epsilon >= 0 or epsilon == float("inf"):
-            raise ValueError(f"relevance-cam: option epsilon must be a finite number >= 0 "
-                             f"(the LRP-eps stabiliser), got {epsilon!r}")
-        self.epsilon = epsilon
+    class Options(xbench.Options):
+        epsilon: float = xbench.option(1e-9, "LRP-eps stabiliser", minimum=0.0)
 
-    @property
-    def variant(self) -> str:
-        return f"rule=lrp-eps,epsilon={self.epsilon:g}"
+    def format_variant(self, changed):
+        # the rule and its epsilon are recorded even at their defaults (reference runs do)
+        return f"rule=lrp-eps,epsilon={self.options.epsilon:g}"
 
     def explain(self, model, images, targets):
         activation, relevance, _ = target_layer_relevance(model, self.layer, images, targets,
-                                                          self.epsilon)
+                                                          self.options.epsilon)
         return relevance_cam_map(activation, relevance)
 
 

@@ -38,9 +38,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from xbench import LoadedModel, Metric, MetricBatch, Model, hookimpl
-from xbench.errors import UserError
-from xbench.model import ClassifierHandle
+import xbench
+from xbench import ClassifierHandle, LoadedModel, Metric, MetricBatch, Model, UserError, hookimpl
 # One guided-backprop rule for the whole project (Springenberg et al. 2015): at every call of every
 # ReLU-family module, R_in = d(x) * 1[R_out > 0] * R_out, by hooks that fire on every call (a
 # module object reused several times per forward is guided at each use; modules never swapped).
@@ -737,41 +736,41 @@ class SimilarityValue(Metric):
     summary = ("neuron similarity value (Wang 2022) per image: mean cosine of the layer's "
                "per-neuron guided backprop with the image / the class evidence (model-scope)")
 
-    def __init__(self, layer: str | None = None, methods: Sequence[int] = METHODS,
-                 neurons: int | None = 64, channel_batch: int = 64, **options) -> None:
-        super().__init__(**options)
-        methods = (methods,) if isinstance(methods, int) else tuple(int(m) for m in methods)
-        if not methods or any(m not in METHODS for m in methods):
-            raise ValueError(f"option methods must be a subset of {METHODS}, got {methods}")
-        if neurons is not None and int(neurons) < 1:
-            raise ValueError(f"option neurons must be >= 1 or None (all), got {neurons}")
-        if int(channel_batch) < 1:
-            raise ValueError(f"option channel_batch must be >= 1, got {channel_batch}")
-        self.layer, self.methods = layer, methods
-        self.neurons = None if neurons is None else int(neurons)
-        self.channel_batch = int(channel_batch)
+    class Options(xbench.Options):
+        layer: str | None = xbench.option(None, "layer whose neurons are scored (default: the "
+                                                "model's CAM layer)")
+        methods: tuple[int, ...] = xbench.option(
+            METHODS, "1: cos(GBP, image); 2: cos(GBP, GBP of the class logit)", choices=METHODS)
+        neurons: int | None = xbench.option(64, "evenly spaced channels scored (none: all)",
+                                            minimum=1)
+        channel_batch: int = xbench.option(64, "channel copies per truncated forward", minimum=1,
+                                           in_variant=False)
+
+    def format_variant(self, changed):
+        # the score keys already name the method, layer and neuron count
+        return ""
 
     def score(self, batch: MetricBatch) -> dict[str, torch.Tensor]:
         model = batch.model
-        layer = self.layer or model.default_layer
+        layer = self.options.layer or model.default_layer
         module = model.layer(layer)
         with torch.no_grad():
             count = truncated_forward(model, batch.images[:1], module).shape[1]
-        channels = spread_channels(count, self.neurons)
+        channels = spread_channels(count, self.options.neurons)
         values = {method: torch.full((len(batch.images),), float("nan"), dtype=torch.float64)
-                  for method in self.methods}
+                  for method in self.options.methods}
         for i, (image, target) in enumerate(zip(batch.images, batch.targets.tolist())):
-            gbp, _ = channel_guided_backprop(model, image, layer, channels, self.channel_batch)
+            gbp, _ = channel_guided_backprop(model, image, layer, channels, self.options.channel_batch)
             references = {1: image}
-            if 2 in self.methods:
+            if 2 in self.options.methods:
                 references[2] = class_guided_backprop(model, image, target)
-            for method in self.methods:
+            for method in self.options.methods:
                 similarity = cosine_similarity(gbp, references[method])
                 if bool(torch.isfinite(similarity).any()):
                     values[method][i] = similarity.nanmean()
-        neurons = "all" if self.neurons is None else len(channels)
+        neurons = "all" if self.options.neurons is None else len(channels)
         return {f"method={method},layer={layer},neurons={neurons}": values[method]
-                for method in self.methods}
+                for method in self.options.methods}
 
 
 @hookimpl
@@ -782,3 +781,9 @@ def register_models(register):
 @hookimpl
 def register_metrics(register):
     register(SimilarityValue)
+
+
+@hookimpl
+def register_commands(register):
+    register("similarity", help="neuron similarity values from class average images (Wang 2022)",
+             configure="xbench.cli.similarity:add_arguments", run="xbench.cli.similarity:run")

@@ -13,9 +13,8 @@ import torch
 import torchvision
 from torch import nn
 
-from xbench import LoadedModel, Model, hookimpl
-from xbench.errors import UserError
-from xbench_plugins.imagenet_meta import class_names
+from xbench import LoadedModel, Model, UserError, hookimpl
+from xbench import imagenet_class_names as class_names
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

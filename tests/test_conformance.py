@@ -18,12 +18,12 @@ NEEDS_CHECKPOINT = {"lcam-fm", "lcam-img"}
 
 @pytest.mark.parametrize("name", [n for n in BUILTIN("explainer") if n not in NEEDS_CHECKPOINT])
 def test_builtin_explainer_conforms(name):
-    check_explainer(REGISTRY.explainer(name), options=plugin_options("quick", name))
+    check_explainer(REGISTRY.explainer(name), options=plugin_options("quick", REGISTRY.explainer(name)))
 
 
 @pytest.mark.parametrize("name", BUILTIN("metric"))
 def test_builtin_metric_conforms(name):
-    check_metric(REGISTRY.metric(name), options=plugin_options("quick", name))
+    check_metric(REGISTRY.metric(name), options=plugin_options("quick", REGISTRY.metric(name)))
 
 
 @pytest.mark.parametrize("name", ["efficientnet-lite0", "efficientnet-lite1", "efficientnet-lite2"])

@@ -34,7 +34,7 @@ def installed(tmp_path_factory):
 def test_installed_plugin_is_discovered_with_its_distribution(installed):
     registry = build_registry()
     info = registry.info("explainer", "vanilla-gradient")
-    assert (info.plugin, info.distribution, info.version) == ("example", "xbench-example", "0.3.0")
+    assert (info.plugin, info.distribution, info.version) == ("example", "xbench-example", "0.4.0")
     assert registry.info("metric", "map-mass-top15").source == "xbench-example"
     assert "xbench-example" in registry.versions()
 
@@ -72,3 +72,39 @@ def test_vanilla_gradient_of_a_linear_model_is_its_weights(installed):
     maps = explainer.explain(handle, torch.rand(1, 3, 8, 8), torch.tensor([1]))
     expected = net[1].weight[1].view(3, 8, 8).abs().amax(dim=0)
     assert torch.allclose(maps[0], expected)
+
+
+def test_declared_options_change_the_map_and_reach_the_variant(installed):
+    registry = build_registry()
+    cls = registry.explainer("vanilla-gradient")
+    assert [s.name for s in cls.option_specs()] == ["reduce"]
+    assert cls().variant == "" and cls(reduce="mean").variant == "reduce=mean"
+    metric = registry.metric("map-mass-top15")
+    assert metric(top=0.5).row_variant("") == "top=0.5"
+    check_explainer(cls, options={"reduce": "mean"})  # the kit also checks options -> variant
+    scores = check_metric(metric, options={"top": 1.0})
+    assert torch.allclose(scores[""], torch.ones(2, dtype=scores[""].dtype))  # all mass in 100%
+
+
+def test_its_subcommand_is_added_and_blocked_with_the_plugin(installed, tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(installed), "COLUMNS": "200"}
+    (tmp_path / "rows.jsonl").write_text('{"status": "ok"}\n{"status": "ok"}\n{"status": "failed"}\n')
+    done = subprocess.run([sys.executable, "-m", "xbench", "example-stats", str(tmp_path)],
+                          capture_output=True, text=True, env=env, check=False)
+    assert (done.returncode, done.stdout) == (0, "failed 1\nok 2\n"), done.stderr
+    missing = subprocess.run([sys.executable, "-m", "xbench", "example-stats", str(tmp_path / "x")],
+                             capture_output=True, text=True, env=env, check=False)
+    assert missing.returncode == 2 and "rows.jsonl not found" in missing.stderr
+    blocked = subprocess.run([sys.executable, "-m", "xbench", "-p", "no:example", "example-stats",
+                              str(tmp_path)], capture_output=True, text=True, env=env, check=False)
+    assert blocked.returncode == 2 and "invalid choice: 'example-stats'" in blocked.stderr
+
+
+def test_blocking_a_study_plugin_removes_its_command():
+    env = {**os.environ, "COLUMNS": "200"}
+    listed = subprocess.run([sys.executable, "-m", "xbench", "--help"], capture_output=True,
+                            text=True, env=env, check=True)
+    assert "similarity" in listed.stdout and "train" in listed.stdout
+    blocked = subprocess.run([sys.executable, "-m", "xbench", "-p", "no:similarity", "similarity",
+                              "--out", "x"], capture_output=True, text=True, env=env, check=False)
+    assert blocked.returncode == 2 and "invalid choice: 'similarity'" in blocked.stderr

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from xbench import LoadedModel
+from xbench import LoadedModel, OptionError
 from xbench.model import ClassifierHandle
 from xbench.testing import toy_images, toy_model
 from xbench_plugins.rise import RISE
@@ -114,11 +114,14 @@ def test_variant_records_non_default_settings():
 
 
 @pytest.mark.parametrize("options, message", [
-    ({"n_masks": 0}, "option n_masks must be an integer >= 1"),
-    ({"p1": 0.0}, r"option p1 must be in \(0, 1\]"),
-    ({"s": 0}, "option s must be an integer >= 1"),
-    ({"batch_size": 0}, "option batch_size must be an integer >= 1"),
+    ({"n_masks": 0}, "explainer 'rise': option n_masks must be >= 1, got 0"),
+    ({"p1": 0.0}, "option p1 must be > 0 and <= 1, got 0"),
+    ({"p1": 1.5}, "option p1 must be > 0 and <= 1, got 1.5"),
+    ({"s": 0}, "option s must be >= 1, got 0"),
+    ({"batch_size": 0}, "option batch_size must be >= 1, got 0"),
+    ({"n_masks": "500"}, "option n_masks expects integer, got '500'"),
+    ({"nmasks": 100}, "unknown option 'nmasks'. Did you mean 'n_masks'"),
 ])
 def test_bad_options_are_explained(options, message):
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(OptionError, match=message):
         RISE(**options)

@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from xbench import OptionError
 from xbench.model import ClassifierHandle, capture_activations
 from xbench.saliency import normalize_maps
 from xbench.testing import toy_images, toy_model
@@ -137,14 +138,15 @@ def test_map_is_usable_outside_inference_mode():
 
 
 @pytest.mark.parametrize("options, message", [
-    ({"batch_size": 0}, "option batch_size must be >= 1"),
-    ({"max_channels": 0}, "option max_channels must be >= 1 or None"),
+    ({"batch_size": 0}, "explainer 'scorecam': option batch_size must be >= 1, got 0"),
+    ({"max_channels": 0}, "explainer 'scorecam': option max_channels must be >= 1, got 0"),
 ])
 def test_bad_options_are_explained(options, message):
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(OptionError, match=message):
         ScoreCAM(**options)
 
 
 def test_unknown_option_is_refused():
-    with pytest.raises(TypeError, match="scorecam.*n_masks"):
+    with pytest.raises(OptionError, match="explainer 'scorecam': unknown option 'n_masks'.*"
+                                          "Valid options: max_channels, batch_size"):
         ScoreCAM(n_masks=3)

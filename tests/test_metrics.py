@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from xbench import LoadedModel, MetricBatch
+from xbench import LoadedModel, MetricBatch, OptionError
 from xbench.model import ClassifierHandle
 from xbench.saliency import descending_order, normalize_maps, retention_mask
 from xbench_plugins.average_drop import AverageDrop, AverageIncrease, masked_probabilities
@@ -213,7 +213,8 @@ def test_blur_padding_is_an_option_recorded_in_the_variant(tiny):
     reflect = Insertion(step=10, blur_padding="reflect").score(batch)
     assert set(default) == {"step=10"} and set(reflect) == {"step=10,blur_padding=reflect"}
     assert not torch.equal(default["step=10"], reflect["step=10,blur_padding=reflect"])
-    with pytest.raises(ValueError, match="blur_padding must be one of mean, reflect"):
+    with pytest.raises(OptionError, match="metric 'insertion': option blur_padding must be one of "
+                                          "mean, reflect, got zeros"):
         Insertion(blur_padding="zeros")
 
 
@@ -300,26 +301,27 @@ def test_degenerate_all_zero_map_moves_pixels_in_raster_order(striped):
 
 
 @pytest.mark.parametrize("options, message", [
-    ({"step": 0}, "option step must be a positive integer"),
-    ({"step": 2.5}, "option step must be a positive integer"),
-    ({"batch_size": 0}, "option batch_size must be a positive integer"),
-    ({"batch_size": True}, "option batch_size must be a positive integer"),
+    ({"step": 0}, "metric 'insertion': option step must be >= 1, got 0"),
+    ({"step": 2.5}, "metric 'insertion': option step expects integer or none, got 2.5"),
+    ({"batch_size": 0}, "metric 'insertion': option batch_size must be >= 1, got 0"),
+    ({"batch_size": True}, "metric 'insertion': option batch_size expects integer or none, got True"),
 ])
 def test_bad_options_name_the_option(options, message):
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(OptionError, match=message):
         Insertion(**options)
 
 
 def test_default_batch_size_depends_on_the_device():
     from xbench_plugins.insertion_deletion import default_batch_size
 
-    assert Insertion().batch_size is None
+    assert Insertion().options.batch_size is None
     assert default_batch_size(torch.device("cpu")) == 8
     assert default_batch_size(torch.device("cuda", 0)) == 64
 
 
 def test_unknown_option_is_rejected():
-    with pytest.raises(TypeError, match="metric 'deletion' takes no option"):
+    with pytest.raises(OptionError, match="metric 'deletion': unknown option 'steps'. Did you mean "
+                                          "'step'.* Valid options: step, blur_padding, batch_size"):
         Deletion(steps=3)
 
 
@@ -626,9 +628,9 @@ def test_torchcam_differs_only_in_the_short_last_step(tiny):
 def test_quick_profile_shares_one_coarse_step():
     from xbench.profiles import plugin_options
 
-    options = [plugin_options("quick", name) for name in ("insertion", "deletion", "insertion-deletion")]
+    options = [plugin_options("quick", cls) for cls in (Insertion, Deletion, InsertionDeletion)]
     assert options[0] == options[1] == options[2]  # one step: one set of curves per batch
     steps = len(step_counts(224 * 224, options[0]["step"])) - 1
     assert 16 <= steps <= 32
     Insertion(**options[0])  # valid options
-    assert plugin_options("paper", "insertion") == {}  # the paper profile keeps 224 steps
+    assert plugin_options("paper", Insertion) == {}  # the paper profile keeps 224 steps

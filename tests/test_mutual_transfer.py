@@ -161,6 +161,210 @@ def test_each_loss_reaches_its_own_student_only():
     assert g2[1].abs().sum() > 0 and (g2[0] is None or g2[0].abs().sum() == 0)
 
 
+# --- the gate on a toy pair of students with hand-built attention maps ------------------------
+
+# Student 1's 4x4 map has the block [[1,2],[3,4]] in each 2x2 region; student 2's regions are
+# built so that the Pearson r with [1,2,3,4] is known by hand (raster order inside a region):
+TOY_REGIONS2 = ([1.0, 2.0, 3.0, 5.0],   # centred cov 6.5, |x|^2 5, |y|^2 8.75: r = 6.5/sqrt(43.75)
+                [1.0, 3.0, 2.0, 4.0],   # cov 4, |x|^2 = |y|^2 = 5: r = 0.8
+                [1.0, 4.0, 4.0, 1.0],   # cov 0: r = 0
+                [4.0, 3.0, 2.0, 1.0])   # reversed: r = -1
+TOY_R = (6.5 / math.sqrt(43.75), 0.8, 0.0, -1.0)
+TOY_REGION1 = [1.0, 2.0, 3.0, 4.0]
+
+
+def _toy_map(regions):
+    m = torch.zeros(4, 4, dtype=torch.float64)
+    for k, (r0, c0) in enumerate([(0, 0), (0, 2), (2, 0), (2, 2)]):
+        m[r0:r0 + 2, c0:c0 + 2] = torch.tensor(regions[k], dtype=torch.float64).view(2, 2)
+    return m
+
+
+class _ToyNet(torch.nn.Module):
+    """A = x[:, :1] * w, so on an all-ones input the attention map (eq. 1) is w^2 = the hand-built
+    map; logits = fc(mean A) with fc weights (1, 0, -1): CE has a gradient too."""
+
+    def __init__(self, attention):
+        super().__init__()
+        self.w = torch.nn.Parameter(attention.sqrt())
+        self.feat = torch.nn.Identity()
+        self.fc = torch.nn.Linear(1, 3, dtype=torch.float64)
+        with torch.no_grad():
+            self.fc.weight.copy_(torch.tensor([[1.0], [0.0], [-1.0]]))
+            self.fc.bias.zero_()
+
+    def forward(self, x):
+        a = self.feat(x[:, :1].to(self.w.dtype) * self.w)
+        return self.fc(a.mean(dim=(1, 2, 3))[:, None])
+
+
+def _toy_students():
+    maps = (_toy_map([TOY_REGION1] * 4), _toy_map(TOY_REGIONS2))
+    return [mt.Student(f"toy{i}", _ToyNet(m), 3, 4, 4, (0.5,) * 3, (0.5,) * 3, ("feat",), "feat", False)
+            for i, m in enumerate(maps)]
+
+
+def _ones(n=2):
+    return torch.ones(n, 3, 4, 4)  # pixel 1.0 -> (1 - 0.5) / 0.5 = 1 after prepare
+
+
+def _hand_ce(mean_a, label):
+    logits = [mean_a, 0.0, -mean_a]
+    return math.log(sum(math.exp(v) for v in logits)) - logits[label]
+
+
+@pytest.mark.parametrize("lam, kept", [(-1.0, [1, 1, 1, 1]), (-0.5, [1, 1, 1, 0]), (0.0, [1, 1, 0, 0]),
+                                       (0.5, [1, 1, 0, 0]), (0.9, [1, 0, 0, 0]), (0.99, [0, 0, 0, 0])])
+def test_gate_keeps_exactly_regions_above_lambda_and_loss_is_hand_computed(lam, kept):
+    st1, st2 = _toy_students()
+    labels = torch.tensor([0, 2])
+    logits1, maps1 = mt.student_forward(st1, _ones())
+    logits2, maps2 = mt.student_forward(st2, _ones())
+    assert torch.allclose(maps1[0][0], _toy_map([TOY_REGION1] * 4)) and torch.allclose(maps2[0][1], _toy_map(TOY_REGIONS2))
+    beta = 3.0
+    loss1, loss2, terms = mt.mutual_transfer_losses(logits1, logits2, labels, maps1, maps2, (2, 2), lam, beta)
+    assert torch.allclose(terms.correlations[0], torch.tensor([TOY_R, TOY_R], dtype=torch.float64), atol=1e-12)
+    assert mt.region_mask(terms.correlations[0], lam).long().tolist() == [kept, kept]
+    assert terms.kept == 2 * sum(kept) and terms.total == 8 and terms.layer_kept_fractions == [sum(kept) / 4]
+    distance = sum(_hand_distance(TOY_REGION1, q) for q, k in zip(TOY_REGIONS2, kept) if k)
+    mean1 = sum(math.sqrt(v) for v in TOY_REGION1) / 4  # mean of A = mean of w = mean of sqrt(map)
+    mean2 = sum(math.sqrt(v) for q in TOY_REGIONS2 for v in q) / 16
+    ce1 = (_hand_ce(mean1, 0) + _hand_ce(mean1, 2)) / 2
+    ce2 = (_hand_ce(mean2, 0) + _hand_ce(mean2, 2)) / 2
+    assert loss1.item() == pytest.approx(ce1 + beta / 2 * distance, rel=1e-12, abs=1e-12)
+    assert loss2.item() == pytest.approx(ce2 + beta / 2 * distance, rel=1e-12, abs=1e-12)
+
+
+def test_gate_sends_gradient_into_kept_regions_only():
+    st1, st2 = _toy_students()
+    labels = torch.tensor([1, 1])
+
+    def grad_w1(lam, beta):
+        logits1, maps1 = mt.student_forward(st1, _ones())
+        logits2, maps2 = mt.student_forward(st2, _ones())
+        loss1, _, _ = mt.mutual_transfer_losses(logits1, logits2, labels, maps1, maps2, (2, 2), lam, beta)
+        return torch.autograd.grad(loss1, st1.net.w)[0]
+
+    ce_only = grad_w1(-1.0, 0.0)
+    assert ce_only.abs().min() > 0
+    transfer = grad_w1(0.5, 1.0) - ce_only  # lambda 0.5 keeps regions 0 (top left) and 1 (top right)
+    assert transfer[:2, :2].abs().max() > 1e-6 and transfer[:2, 2:].abs().max() > 1e-6
+    assert torch.all(transfer[2:] == 0)
+    assert torch.equal(grad_w1(0.99, 1.0), ce_only)
+
+
+def _params(students):
+    return [p.detach().clone() for s in students for p in s.net.parameters()]
+
+
+def test_lambda_above_every_r_is_independent_training_toy():
+    import copy
+
+    base = _toy_students()
+    data = mt.ImageSet(torch.full((4, 3, 4, 4), 255, dtype=torch.uint8), torch.tensor([0, 1, 2, 0]),
+                       ("a", "b", "c"), "ones")
+    runs = {}
+    for name, lam, beta in (("independent", -1.0, 0.0), ("gated off", 0.99, 1.0), ("local 0.5", 0.5, 1.0)):
+        st1, st2 = copy.deepcopy(base)
+        config = mt.TrainConfig("toy0", "toy1", "ones", lam=lam, beta=beta, epochs=1, batch_size=2, lr=0.1, seed=5)
+        row = mt.MutualTrainer(st1, st2, config, steps_per_epoch=2).train_epoch(data)
+        runs[name] = (row, _params((st1, st2)))
+    row, params = runs["gated off"]
+    assert row["kept"] == 0 and row["kept_l1"] == 0 and row["transfer_st1"] == 0 and row["transfer_st2"] == 0
+    assert all(torch.equal(a, b) for a, b in zip(params, runs["independent"][1]))
+    assert runs["local 0.5"][0]["kept"] == 0.5 and runs["local 0.5"][0]["transfer_st1"] > 0
+    assert not all(torch.equal(a, b) for a, b in zip(runs["local 0.5"][1], runs["independent"][1]))
+    assert not all(torch.equal(a, b) for a, b in zip(params, _params(base)))
+
+
+def test_lambda_one_is_independent_training_for_real_students():
+    """r <= 1 always (clamped), so lambda 1 transfers nothing: with BatchNorm, seeded data order and
+    the same starting weights, the update equals beta 0 (independent) exactly."""
+    import copy
+
+    base = _students()
+    results = []
+    for lam, beta in ((-1.0, 0.0), (1.0, 1.0)):
+        students = copy.deepcopy(base)
+        config = mt.TrainConfig("small-wrn", "small-mobilenet", "tiny", lam=lam, beta=beta, epochs=1,
+                                batch_size=4, seed=3)
+        row = mt.MutualTrainer(students["st1"], students["st2"], config, 2).train_epoch(_tiny_set())
+        results.append((row, _params(students.values())))
+    assert results[1][0]["kept"] == 0 and results[1][0]["transfer_st1"] == 0
+    assert all(torch.equal(a, b) for a, b in zip(results[0][1], results[1][1]))
+
+
+def test_epoch_row_has_per_layer_kept_and_r_quantiles():
+    students = _students()
+    config = mt.TrainConfig("small-wrn", "small-mobilenet", "tiny", lam=0.3, beta=1.0, epochs=1, batch_size=4)
+    row = mt.MutualTrainer(students["st1"], students["st2"], config, 2).train_epoch(_tiny_set())
+    layers = [row[f"kept_l{j}"] for j in (1, 2, 3)]
+    assert row["kept"] == pytest.approx(sum(layers) / 3)  # equal region counts per layer pair
+    q = row["r_quantiles"]
+    assert q["levels"] == list(mt.R_QUANTILE_LEVELS) and len(q["layers"]) == 3
+    assert q["all"] == sorted(q["all"]) and -1 <= q["all"][0] <= q["all"][-1] <= 1
+
+
+def test_correlation_summary_known_quantiles():
+    steps = [[torch.tensor([[0.0, 0.25]]), torch.tensor([[1.0, -1.0]])],
+             [torch.tensor([[0.5, 0.75]]), torch.tensor([[0.0, 0.0]])]]
+    out = mt.correlation_summary(steps, levels=(0.0, 0.5, 1.0))
+    assert out["layers"] == [[0.0, 0.375, 0.75], [-1.0, 0.0, 1.0]]
+    assert out["all"] == [-1.0, 0.125, 1.0]  # 8 values: median between 0 and 0.25
+
+
+def test_pearson_is_clamped_to_one():
+    x = torch.tensor([[0.1, 0.7, 0.3, 0.9, 0.2]])
+    assert mt.pearson(x, x * 3.7).item() <= 1.0 and mt.region_mask(mt.pearson(x, x * 3.7), 1.0).sum() == 0
+
+
+# --- the sweep report: intervals and paired tests ---------------------------------------------
+
+def test_wilson_interval_known_values():
+    from xbench_plugins.mutual_transfer_report import wilson_interval
+
+    z = 1.959963984540054
+    lo, hi = wilson_interval(0, 10)  # p = 0: (0, z^2 / (n + z^2))
+    assert lo == 0 and hi == pytest.approx(z * z / (10 + z * z), rel=1e-12)
+    lo, hi = wilson_interval(5, 10)  # p = 1/2: centre 1/2, half z sqrt(1/40 + z^2/400) / (1 + z^2/10)
+    half = z * math.sqrt(0.025 + z * z / 400) / (1 + z * z / 10)
+    assert (lo, hi) == (pytest.approx(0.5 - half), pytest.approx(0.5 + half))
+    assert (round(lo, 4), round(hi, 4)) == (0.2366, 0.7634)  # published value for 5/10
+    with pytest.raises(ValueError):
+        wilson_interval(11, 10)
+
+
+def test_mcnemar_exact_known_values():
+    from xbench_plugins.mutual_transfer_report import mcnemar_exact
+
+    a = [True] * 5 + [False] * 0 + [True] * 10
+    b = [False] * 5 + [True] * 10
+    assert mcnemar_exact(a, b) == {"only_a": 5, "only_b": 0, "p": 2 / 32}
+    # b = 1, c = 4: p = 2 * (1 + 5) / 32
+    a = [True, False, False, False, False, True]
+    b = [False, True, True, True, True, True]
+    assert mcnemar_exact(a, b) == {"only_a": 1, "only_b": 4, "p": 12 / 32}
+    assert mcnemar_exact([True, False], [True, False])["p"] == 1.0
+    with pytest.raises(ValueError, match="same images"):
+        mcnemar_exact([True], [True, False])
+
+
+@pytest.mark.parametrize("spec, message", [("0.5,x", "not a number"), ("1.5", "outside"), (",", "at least one")])
+def test_parse_lambdas_errors(spec, message):
+    from xbench_plugins.mutual_transfer_report import parse_lambdas
+
+    with pytest.raises(UserError, match=message):
+        parse_lambdas(spec)
+
+
+def test_parse_lambdas_keeps_order_and_drops_repeats():
+    from xbench_plugins.mutual_transfer_report import parse_lambdas, regime_name
+
+    assert parse_lambdas(" -1, 0.9,0.5,0.9") == [-1.0, 0.9, 0.5]
+    assert [regime_name(v, 1) for v in (-1.0, 0.9)] == ["global", "local 0.9"]
+    assert regime_name(0.9, 0) == "independent"
+
+
 # --- training steps, checkpoints, the Model plugin --------------------------------------------
 
 def _tiny_set(n=8, classes=10):
@@ -258,6 +462,13 @@ def test_efficientnet_transfer_points_are_stage_ends():
     assert mt.efficientnet_stage_ends(net, 224) == ("_blocks.4", "_blocks.10", "_blocks.15")
 
 
+def test_efficientnet_student_uses_protocol_2_inputs():
+    student = mt.build_student("efficientnet-lite0", 10, pretrained=False)
+    assert student.default_layer == "_swish._bn1"
+    x = torch.tensor([0.0, 127 / 255, 1.0]).view(1, 3, 1, 1).expand(1, 3, 224, 224)
+    assert torch.allclose(student.prepare(x)[0, :, 0, 0], torch.tensor([-127 / 128, 0.0, 1.0]), atol=1e-6)
+
+
 # --- the command ------------------------------------------------------------------------------
 
 def _cli(out, *extra):
@@ -309,29 +520,47 @@ def test_cifar_offline_error_names_the_folder(tmp_path, capsys):
     assert code == 2 and "cifar-10-batches-py" in err and "never downloads" in err
 
 
-def test_cli_compare_trains_the_three_table1_rows_from_one_start(tmp_path):
+def test_cli_compare_sweeps_lambdas_from_one_start(tmp_path):
     import json
 
     from xbench.cli import main
+    from xbench_plugins.mutual_transfer_report import plot_sweep, unbits, wilson_interval
 
     out = tmp_path / "cmp"
     code = main(["train", "mutual-transfer", "--data", "digits", "--limit", "40", "--val-limit", "20",
-                 "--batch-size", "20", "--pretrain-epochs", "1", "--epochs", "1", "--lambda", "0.5",
+                 "--batch-size", "20", "--pretrain-epochs", "1", "--epochs", "1", "--lambdas", "-1,0.5,0.99",
                  "--compare", "--out", str(out)])
     assert code == 0
     table = json.loads((out / "table1.json").read_text())
     rows = {r["regime"]: r for r in table["rows"]}
-    assert list(rows) == ["independent", "global", "local"]
-    assert rows["independent"]["beta"] == 0 and rows["global"]["lambda"] == -1 and rows["local"]["lambda"] == 0.5
-    assert rows["global"]["kept"] == 1.0 and rows["local"]["kept"] < 1.0
+    assert list(rows) == ["independent", "global", "local 0.5", "local 0.99"]
+    assert rows["independent"]["beta"] == 0 and rows["independent"]["kept_last"] is None
+    assert rows["global"]["lambda"] == -1 and rows["local 0.99"]["lambda"] == 0.99
+    assert rows["global"]["kept_first"] == 1.0 and rows["global"]["kept_layers_last"] == [1.0, 1.0, 1.0]
+    local = rows["local 0.99"]
+    assert local["kept_last"] < 1.0 and len(local["kept_layers_first"]) == 3
+    assert local["kept_first"] == local["kept_last"] == local["kept"]  # one epoch: first is last
+    assert local["kept_last"] == pytest.approx(sum(local["kept_layers_last"]) / 3)
+    quantiles = rows["global"]["r_quantiles_last"]["all"]
+    assert quantiles == sorted(quantiles) and len(quantiles) == len(mt.R_QUANTILE_LEVELS)
+    for regime, row in rows.items():
+        final = [h for h in table["histories"][regime] if "correct_st1" in h][-1]
+        hits = unbits(final["correct_st2"])
+        assert len(hits) == 20 and sum(hits) / 20 == row["top1_st2"]
+        assert row["top1_st2_ci95"] == [round(v, 6) for v in wilson_interval(sum(hits), 20)]
+    tests = table["paired_tests"]
+    assert {(t["regime"], t["reference"]) for t in tests} >= {("local 0.5", "independent"), ("local 0.5", "global")}
+    assert all(0 < t["p"] <= 1 and t["only_regime"] + t["only_reference"] <= 20 for t in tests)
     starts = [table["histories"][r][1] for r in rows]  # [0] is the pretraining epoch, [1] "before"
     assert all(s["phase"] == "before" and s == starts[0] for s in starts)
     initial, _ = mt.load_students(out / "initial.pt")
     for regime in rows:
-        trained, payload = mt.load_students(out / f"{regime}.pt")
+        trained, payload = mt.load_students(out / f"{regime.replace(' ', '-')}.pt")
         assert payload["history"][0]["phase"] == "pretrain"
         assert not torch.equal(next(iter(trained["st2"].net.parameters())),
                                next(iter(initial["st2"].net.parameters())))
+    png = plot_sweep(table, tmp_path / "sweep.png")
+    assert png.read_bytes()[:4] == b"\x89PNG"
 
 
 def test_cifar10_folder_is_read_without_download(tmp_path, monkeypatch):

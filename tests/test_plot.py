@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from xbench.cli import main
-from xbench.cli.plot import mean_curves
+from xbench.curves import mean_curves
 from xbench.errors import UserError
 from xbench.records import SCHEMA_VERSION, ResultRow, RunFolder, RunHeader
 

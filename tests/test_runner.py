@@ -214,11 +214,60 @@ def test_bad_options_and_names_are_clear(tmp_path, images, toy_registry):
         Runner(_config(images, options=("gradcam",)), toy_registry, tmp_path)
     with pytest.raises(UserError, match="'gradcamm' is not a selected"):
         Runner(_config(images, options=("gradcamm.x=1",)), toy_registry, tmp_path)
-    with pytest.raises(UserError, match="average-drop.*masking must be one of"):
-        Runner(_config(images, options=("average-drop.masking='soft'",)), toy_registry,
-               tmp_path).run()
+    with pytest.raises(UserError, match="metric 'average-drop': option masking must be one of "
+                                        "continuous, binary, got soft"):
+        Runner(_config(images, options=("average-drop.masking=soft",)), toy_registry, tmp_path)
     with pytest.raises(UserError, match="model 'toy-cnn' has no layer 'hed'.*Did you mean 'head'"):
         Runner(_config(images, layers="hed"), toy_registry, tmp_path).run()
+
+
+@pytest.mark.parametrize("options, message", [
+    (("rise.nmasks=100",), "explainer 'rise': unknown option 'nmasks'. Did you mean 'n_masks'\\? "
+                           "Valid options: n_masks, s, p1, batch_size."),
+    (("rise.n_masks=abc",), "explainer 'rise': option n_masks expects integer, got 'abc'"),
+    (("rise.p1=2",), "explainer 'rise': option p1 must be > 0 and <= 1, got 2"),
+    (("scorecam.max_channels=none", "scorecam.batch_size=1.5"),
+     "explainer 'scorecam': option batch_size expects integer or none, got '1.5'"),
+])
+def test_options_are_checked_by_declared_type_before_anything_loads(
+        tmp_path, images, toy_registry, monkeypatch, options, message):
+    import xbench.runner as runner_module
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("opened the dataset before checking the options")
+
+    monkeypatch.setattr(runner_module, "open_dataset", no_loading)
+    with pytest.raises(UserError, match=message) as caught:
+        Runner(_config(images, explainers="rise,scorecam", options=options), toy_registry,
+               tmp_path)
+    # layer and seed are harness arguments, never listed as options
+    assert "layer" not in str(caught.value) and "seed" not in str(caught.value)
+
+
+def test_command_line_values_are_converted_by_the_declared_type(tmp_path, images, toy_registry):
+    runner = Runner(_config(images, explainers="rise,scorecam", metrics="average-drop",
+                            options=("rise.p1=0.25", "rise.n_masks=8", "scorecam.max_channels=none",
+                                     "average-drop.retentions=0.5,0.15")),
+                    toy_registry, tmp_path)
+    assert runner.cli_options == {"rise": {"p1": 0.25, "n_masks": 8},
+                                  "scorecam": {"max_channels": None},
+                                  "average-drop": {"retentions": (0.5, 0.15)}}
+    explainers = dict((e.name, e) for _, e in runner._explainers(["head"]))
+    assert explainers["rise"].variant == "n_masks=8,p1=0.25"
+
+
+def test_checkpoint_and_member_are_aliases_of_declared_options(tmp_path, images, toy_registry):
+    runner = Runner(_config(images, explainers="lcam-fm,gradcam", checkpoint="head.pt"),
+                    toy_registry, tmp_path)
+    assert runner.cli_options == {"lcam-fm": {"checkpoint": "head.pt"}}
+    with pytest.raises(UserError, match="--checkpoint: none of the selected plugins"):
+        Runner(_config(images, explainers="gradcam", checkpoint="head.pt"), toy_registry, tmp_path)
+    with pytest.raises(UserError, match="--member: model 'toy-cnn' has no members"):
+        Runner(_config(images, explainers="gradcam", member="st2"), toy_registry, tmp_path)
+    with pytest.raises(UserError, match="model 'mutual-transfer': option member must be one of "
+                                        "st1, st2, got st3"):
+        Runner(_config(images, explainers="gradcam", model="mutual-transfer", member="st3"),
+               toy_registry, tmp_path)
 
 
 class _WithDiagnostics(xbench.Explainer):

@@ -1,7 +1,7 @@
 """xbench: a benchmark suite for visual explanation methods of image classifiers.
 
-The names below are imported on first use (PEP 562), so that ``xbench --help`` and
-``xbench --version`` start without importing torch.
+``__all__`` is the public API plugins use; names are imported on first use so that
+``import xbench`` (and ``xbench --help``) does not import torch.
 """
 
 from __future__ import annotations
@@ -12,22 +12,38 @@ from typing import Any
 __version__ = "0.1.0"
 PROTOCOL_VERSION = "2"
 
-_LAZY = {
-    "Explainer": "xbench.base", "LoadedModel": "xbench.base", "Metric": "xbench.base",
-    "MetricBatch": "xbench.base", "Model": "xbench.base", "hookimpl": "xbench.plugins",
+_PUBLIC = {
+    # contracts
+    "Explainer": "xbench.base", "Model": "xbench.base", "Metric": "xbench.base",
+    "LoadedModel": "xbench.base", "MetricBatch": "xbench.base",
+    "hookimpl": "xbench.plugins",
+    # declared options
+    "Options": "xbench.options", "option": "xbench.options", "OptionError": "xbench.options",
+    # errors with a message for the user
+    "UserError": "xbench.errors",
+    # what explainers and metrics call on the model
+    "ClassifierHandle": "xbench.model", "capture_activations": "xbench.model",
+    "masked_batch_size": "xbench.model",
+    # map helpers
+    "descending_order": "xbench.saliency", "retention_masks": "xbench.saliency",
+    "normalize_maps": "xbench.saliency",
+    # ImageNet class names for model plugins
+    "imagenet_class_names": "xbench.imagenet",
+    # the Python entry point for notebooks (docs/python-api.md)
     "run": "xbench.api", "explain": "xbench.api", "load_model": "xbench.api",
 }
 
-__all__ = ["Explainer", "LoadedModel", "Metric", "MetricBatch", "Model", "hookimpl",
-           "run", "explain", "load_model", "__version__", "PROTOCOL_VERSION"]
+__all__ = sorted(_PUBLIC) + ["__version__", "PROTOCOL_VERSION"]
 
 
 def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        value = getattr(importlib.import_module(_LAZY[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'xbench' has no attribute {name!r}")
+    module = _PUBLIC.get(name)
+    if module is None:
+        raise AttributeError(f"module 'xbench' has no attribute {name!r}")
+    target = "class_names" if name == "imagenet_class_names" else name
+    value = getattr(importlib.import_module(module), target)
+    globals()[name] = value
+    return value
 
 
 def __dir__() -> list[str]:

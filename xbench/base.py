@@ -14,13 +14,15 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 import torch
 from torch import nn
 
+from xbench.options import Configurable, Options, RecordsVariant, option
+
 if TYPE_CHECKING:
     from xbench.model import ClassifierHandle
 
 Direction = Literal["lower", "higher"]
 
 
-class Explainer(ABC):
+class Explainer(Configurable, RecordsVariant, ABC):
     """Maps (model, batch of images, target classes) to one non-negative saliency map per image.
 
     Contract of :meth:`explain`:
@@ -41,18 +43,20 @@ class Explainer(ABC):
     uses_layer: ClassVar[bool] = True
     #: one-line description shown by ``xbench plugins``
     summary: ClassVar[str] = ""
+    #: the library an adapter calls to compute the maps ("captum"); empty when the plugin's own
+    #: code does (``xbench plugins`` then shows the plugin's distribution)
+    library: ClassVar[str] = ""
+
+    plugin_kind: ClassVar[str] = "explainer"
+
+    class Options(Options):
+        """No options; a plugin declares its own as ``class Options(xbench.Options)``."""
 
     def __init__(self, layer: str | None = None, seed: int = 0, **options: Any) -> None:
-        if options:
-            unknown = ", ".join(sorted(options))
-            raise TypeError(f"explainer {self.name!r} takes no option(s) {unknown}")
+        # layer and seed are harness arguments, not options: they never reach ``variant``
+        self.options = self.make_options(options)
         self.layer = layer
         self.seed = seed
-
-    @property
-    def variant(self) -> str:
-        """Settings that change the output, recorded in every result row ('' when none)."""
-        return ""
 
     def diagnostics(self) -> dict[str, torch.Tensor]:
         """Per-image facts about the last :meth:`explain` call that results must report, as
@@ -107,18 +111,25 @@ class LoadedModel:
             object.__setattr__(self, "resize_size", int(round(self.input_size / 0.875)))
 
 
-class Model(ABC):
+class Model(Configurable, ABC):
     """Builds a classifier with its preprocessing, class names and default target layer."""
 
     #: registry name (``--model NAME``)
     name: ClassVar[str]
     summary: ClassVar[str] = ""
+    plugin_kind: ClassVar[str] = "model"
 
-    def __init__(self, weights: str | None = None, **options: Any) -> None:
-        if options:
-            unknown = ", ".join(sorted(options))
-            raise TypeError(f"model {self.name!r} takes no option(s) {unknown}")
-        self.weights = weights
+    class Options(Options):
+        """Every model takes ``weights`` (``--weights``); subclass this to add options."""
+
+        weights: str | None = option(None, "local weights file (default: the model's own)")
+
+    def __init__(self, **options: Any) -> None:
+        self.options = self.make_options(options)
+
+    @property
+    def weights(self) -> str | None:
+        return self.options.weights
 
     @abstractmethod
     def load(self) -> LoadedModel:
@@ -149,15 +160,22 @@ class MetricBatch:
     explain_backward: torch.Tensor | None  # (B,) backward passes spent by the explainer per image
     explain_seconds: torch.Tensor | None  # (B,) explanation wall time per image
     cache: dict[Any, Any] = field(default_factory=dict)
+    #: per-image object boxes, (K_i, 5) long: x0, y0, x1, y1 as 0-based inclusive pixel indices
+    #: of the input (after the image's resize and crop, :mod:`xbench.boxes`) and the object's
+    #: class index (-1 unknown); (0, 5) for an image without boxes; None when the dataset has none
+    boxes: list[torch.Tensor] | None = None
     #: per-image curves a metric wants kept: {(metric name, variant): tensor (B, T)}
     curves: dict[tuple[str, str], torch.Tensor] = field(default_factory=dict)
 
 
-class Metric(ABC):
+class Metric(Configurable, RecordsVariant, ABC):
     """Scores explanations. ``score`` returns {variant: per-image values (B,)}.
 
     A metric may produce several variants (for example one per retention level); each becomes
     its own column of the matrix, named ``name@variant`` (just ``name`` when variant is '').
+    The variant a row records is that key followed by the metric's changed options
+    (:meth:`row_variant`); a metric whose keys already name its options overrides
+    :meth:`format_variant` to return ''.
     """
 
     name: ClassVar[str]
@@ -166,14 +184,31 @@ class Metric(ABC):
     #: "model" metrics score the model itself on each image, once per run and not per explainer
     #: (rows with an empty explainer); they are costly, so ``--metrics all`` leaves them out
     kind: ClassVar[Literal["faithfulness", "cost", "model"]] = "faithfulness"
+    #: the family ``--metrics`` accepts as a name and tables group by ("localisation",
+    #: "complexity", ...); '' means the metric's ``kind``
+    family: ClassVar[str] = ""
+    #: reads ``MetricBatch.boxes``: left out of ``--metrics all`` on data without boxes, an
+    #: error when named; NaN for an image without a box it can use, and that image gets no row
+    needs_boxes: ClassVar[bool] = False
     #: the unit shown in tables ("%", "AUC", "passes", "s")
     unit: ClassVar[str] = ""
     summary: ClassVar[str] = ""
 
+    plugin_kind: ClassVar[str] = "metric"
+
+    @classmethod
+    def metric_family(cls) -> str:
+        return cls.family or cls.kind
+
+    class Options(Options):
+        """No options; a plugin declares its own as ``class Options(xbench.Options)``."""
+
     def __init__(self, **options: Any) -> None:
-        if options:
-            unknown = ", ".join(sorted(options))
-            raise TypeError(f"metric {self.name!r} takes no option(s) {unknown}")
+        self.options = self.make_options(options)
+
+    def row_variant(self, key: str) -> str:
+        """The variant recorded in a row: the score key, then the changed options."""
+        return ",".join(part for part in (key, self.variant) if part)
 
     @abstractmethod
     def score(self, batch: MetricBatch) -> dict[str, torch.Tensor]:

@@ -12,11 +12,15 @@ Layouts understood by :func:`open_dataset` (first match wins):
 - a flat folder of ``<wnid>_name.JPEG`` files (one ImageNet image per class, say);
 - CUB-200-2011 (``images.txt``, ``image_class_labels.txt``, ``train_test_split.txt``,
   ``images/``): its test split, classes 0..199.
+
+Object boxes (:mod:`xbench.boxes`) come from ``--boxes FILE`` or are found beside the data as
+labels are; ``Dataset.boxes`` is None when there are none.
 """
 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import hashlib
 import random
 import re
@@ -28,6 +32,7 @@ import torch
 from PIL import Image, ImageFile
 from torchvision.transforms.v2 import functional as TF
 
+from xbench.boxes import BoxTable, find_boxes, read_boxes
 from xbench.errors import UserError
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".ppm"}
@@ -54,6 +59,7 @@ class Dataset:
     root: str
     items: tuple[ImageItem, ...]
     is_ilsvrc_val: bool = False
+    boxes: BoxTable | None = None
 
     def subset(self, limit: int | None, seed: int) -> Dataset:
         """A deterministic subset of ``limit`` images (seeded sample, kept in id order)."""
@@ -63,7 +69,7 @@ class Dataset:
             raise UserError(f"--limit must be positive, got {limit}")
         chosen = sorted(random.Random(seed).sample(range(len(self.items)), limit))
         return Dataset(self.name, self.layout, self.root, tuple(self.items[i] for i in chosen),
-                       self.is_ilsvrc_val)
+                       self.is_ilsvrc_val, self.boxes)
 
     @property
     def subset_hash(self) -> str:
@@ -93,8 +99,22 @@ def sample_images() -> list[tuple[str, Path, int | None]]:
     ]
 
 
-def open_dataset(source: str, labels: str | None = None) -> Dataset:
-    """Resolve ``--data`` (and optional ``--labels``) into an ordered list of images."""
+def open_dataset(source: str, labels: str | None = None, boxes: str | None = None) -> Dataset:
+    """Resolve ``--data`` (and optional ``--labels``, ``--boxes``) into an ordered list of
+    images, with their object boxes where a boxes file is given or found beside the data."""
+    dataset = _open_images(source, labels)
+    path = Path(boxes) if boxes is not None else (
+        find_boxes(Path(source)) if source != "sample" else None)
+    if path is None:
+        return dataset
+    table = read_boxes(path)
+    if not any(table.get(item.id) is not None for item in dataset.items):
+        raise UserError(f"--boxes {path}: none of its {len(table.images)} images is in --data "
+                        f"{source} (boxes are matched by file name without extension)")
+    return dataclasses.replace(dataset, boxes=table)
+
+
+def _open_images(source: str, labels: str | None) -> Dataset:
     if source == "sample":
         items = tuple(ImageItem(i, p, label) for i, p, label in sample_images())
         missing = [str(i.path) for i in items if not i.path.exists()]
@@ -120,7 +140,7 @@ def open_dataset(source: str, labels: str | None = None) -> Dataset:
     files = _image_files(root)
     subdirs = sorted(p for p in root.iterdir() if p.is_dir())
     if files and all(f.name.startswith("ILSVRC2012_val_") for f in files):
-        from xbench_plugins.imagenet_meta import val_labels
+        from xbench.imagenet import val_labels
 
         table = val_labels()
         items = tuple(ImageItem(f.name, f, table.get(f.name)) for f in files)
@@ -129,7 +149,7 @@ def open_dataset(source: str, labels: str | None = None) -> Dataset:
     if subdirs and not files:
         return _class_folders(root, subdirs)
     if files and all(_WNID_PREFIX.match(f.name) for f in files):
-        from xbench_plugins.imagenet_meta import wnid_to_index
+        from xbench.imagenet import wnid_to_index
 
         table = wnid_to_index()
         items = tuple(ImageItem(f.name, f, table.get(_WNID_PREFIX.match(f.name).group(1)))
@@ -169,7 +189,7 @@ def _image_files(root: Path) -> list[Path]:
 def _class_folders(root: Path, subdirs: list[Path]) -> Dataset:
     names = [d.name for d in subdirs]
     if all(_WNID.match(n) for n in names):
-        from xbench_plugins.imagenet_meta import wnid_to_index
+        from xbench.imagenet import wnid_to_index
 
         table = wnid_to_index()
         unknown = [n for n in names if n not in table]
@@ -225,7 +245,7 @@ def _read_label_csv(path: Path) -> dict[str, int]:
 
 
 def _read_kaggle(path: Path) -> dict[str, int]:
-    from xbench_plugins.imagenet_meta import wnid_to_index
+    from xbench.imagenet import wnid_to_index
 
     table = wnid_to_index()
     out = {}
@@ -238,7 +258,7 @@ def _read_kaggle(path: Path) -> dict[str, int]:
 
 def _read_devkit(root: Path, path: Path) -> dict[str, int]:
     """Devkit labels are ILSVRC2012_IDs (1..1000, devkit order); meta.mat maps them to WNIDs."""
-    from xbench_plugins.imagenet_meta import wnid_to_index
+    from xbench.imagenet import wnid_to_index
 
     meta = path.parent / "meta.mat"
     if not meta.is_file():

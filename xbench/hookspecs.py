@@ -14,11 +14,12 @@ The callback validates the class (right base class, a ``name``, no duplicate nam
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import pluggy
 
-from xbench.base import Explainer, Metric, Model
+if TYPE_CHECKING:  # the hooks are declared without importing torch (``xbench --help``)
+    from xbench.base import Explainer, Metric, Model
 
 hookspec = pluggy.HookspecMarker("xbench")
 
@@ -48,4 +49,18 @@ def register_metrics(register: Callable[[type[Metric]], None]) -> None:
 
     Contract: the class sets ``name``, ``direction`` ("lower" or "higher" is better) and
     implements :meth:`Metric.score`.
+    """
+
+
+@hookspec
+def register_commands(register: Callable[..., None]) -> None:
+    """Register command-line subcommands: call ``register(name, help=..., configure=...,
+    run=...)`` for each.
+
+    ``name`` is the command (``"similarity"``) or a group and command (``"train lcam"`` adds
+    ``xbench train lcam``). ``configure(parser)`` adds the command's arguments to its
+    ``argparse`` parser and ``run(args)`` executes it, returning the exit status. Either may be
+    a ``"module:function"`` string, imported only when that command is used, so registering
+    commands costs nothing and ``xbench --help`` stays fast. Blocking the plugin
+    (``-p no:NAME``) removes its commands.
     """

@@ -49,6 +49,8 @@ class Registry:
         default_factory=lambda: {kind: {} for kind in PLUGIN_KINDS}
     )
     load_errors: list[str] = field(default_factory=list)
+    #: what ``-p no:NAME`` / XBENCH_BLOCK_PLUGINS blocked: {NAME: what it blocked}
+    blocked: dict[str, str] = field(default_factory=dict)
 
     def names(self, kind: str) -> list[str]:
         return sorted(self.entries[kind])
@@ -57,7 +59,14 @@ class Registry:
         table = self.entries[kind]
         if name in table:
             return table[name]
+        if name in self.blocked:
+            raise UserError(f"{kind} {name!r} is blocked in this command ({self.blocked[name]}); "
+                            f"drop '-p no:{name}' (or XBENCH_BLOCK_PLUGINS) to use it")
         message = f"unknown {kind} {name!r}.{did_you_mean(name, table)}"
+        blocked_plugins = [n for n, what in self.blocked.items() if what.startswith("plugin")]
+        if blocked_plugins:
+            message += (" Plugins blocked in this command, which may provide it: "
+                        + ", ".join(f"-p no:{n}" for n in blocked_plugins) + ".")
         message += f" Run 'xbench plugins' to list the installed {kind}s."
         if self.load_errors:
             message += " Some plugins failed to load: " + "; ".join(self.load_errors)
@@ -128,6 +137,7 @@ def make_plugin_manager(
         dist_name, dist_version = _dist_of(ep)
         if ep.name in blocked:
             pm.set_blocked(ep.name)
+            dists[ep.name] = (dist_name, dist_version)
             continue
         if not autoload and dist_name != PROJECT_NAME:
             continue
@@ -151,7 +161,30 @@ def make_plugin_manager(
         if isinstance(plugin, str):
             plugin = importlib.import_module(plugin)
         pm.register(plugin, name=name)
+    errors.extend(_drop_unknown_hooks(pm, dists))
     return pm, errors, dists
+
+
+def _drop_unknown_hooks(pm: pluggy.PluginManager, dists: dict[str, tuple[str, str]]) -> list[str]:
+    """Unregister each plugin with a hook no specification names (a misspelt
+    ``register_explainer`` would otherwise be ignored); one message per plugin."""
+    errors = []
+    while True:
+        try:
+            pm.check_pending()
+            return errors
+        except pluggy.PluginValidationError as exc:
+            name = pm.get_name(exc.plugin) or repr(exc.plugin)
+            dist_name, dist_version = dists.get(name, ("(registered in code)", "?"))
+            hooks = sorted(hook for hook, caller in vars(pm.hook).items()
+                           if isinstance(caller, pluggy.HookCaller) and not caller.has_spec()
+                           and any(impl.plugin is exc.plugin for impl in caller.get_hookimpls()))
+            specs = [n for n in dir(hookspecs) if n.startswith("register_")]
+            hints = "".join(did_you_mean(hook, specs) for hook in hooks)
+            errors.append(f"plugin {name!r} from distribution {dist_name} {dist_version} "
+                          f"implements unknown hook(s) {', '.join(hooks)}.{hints} "
+                          f"The hooks are: {', '.join(specs)}")
+            pm.unregister(exc.plugin)
 
 
 def build_registry(
@@ -161,8 +194,13 @@ def build_registry(
     extra_plugins: Iterable[tuple[str, Any]] = (),
 ) -> Registry:
     """Load all plugins and collect what they register. Cheap enough to call per command."""
+    blocked = set(blocked) | {b for b in os.environ.get("XBENCH_BLOCK_PLUGINS", "").split(",") if b}
     pm, errors, dists = make_plugin_manager(autoload=autoload, blocked=blocked, extra_plugins=extra_plugins)
     registry = Registry(load_errors=errors)
+    for name in blocked:
+        if pm.is_blocked(name):
+            dist_name, dist_version = dists.get(name, ("?", "?"))
+            registry.blocked[name] = f"plugin {name!r} from {dist_name} {dist_version}"
     hooks = {"explainer": pm.hook.register_explainers, "model": pm.hook.register_models,
              "metric": pm.hook.register_metrics}
     for kind, hook in hooks.items():
@@ -194,7 +232,23 @@ def build_registry(
                     f"plugin {plugin_name!r} from distribution {dist_name} {dist_version} failed "
                     f"in {impl.function.__name__}: {type(exc).__name__}: {exc}"
                 )
+    _block_registered_names(registry, blocked - set(registry.blocked))
     return registry
+
+
+def _block_registered_names(registry: Registry, names: set[str]) -> None:
+    """``-p no:NAME`` for a registered explainer, model or metric name removes that class."""
+    for name in sorted(names):
+        kinds = [kind for kind, table in registry.entries.items() if name in table]
+        if not kinds:
+            known = {n for table in registry.entries.values() for n in table}
+            known |= {ep.name for ep in _entry_points()}
+            raise UserError(f"-p no:{name}: no plugin and no explainer, model or metric is "
+                            f"called {name!r}, so nothing was blocked.{did_you_mean(name, known)}"
+                            " Run 'xbench plugins' to list them")
+        for kind in kinds:
+            info = registry.entries[kind].pop(name)
+            registry.blocked[name] = f"{kind} {name!r} of plugin {info.plugin!r}"
 
 
 def _validate(cls: Any, kind: str, base: type, plugin: str, dist: str) -> None:

@@ -501,7 +501,7 @@ def _curve_groups(rows: list[ResultRow]) -> dict[str, dict[tuple[str, str, str],
 
 
 def _curves_section(rows: list[ResultRow], header: RunHeader) -> str:
-    from xbench.cli.plot import draw_curves, mean_curves
+    from xbench.curves import draw_curves, mean_curves
 
     groups = _curve_groups(rows)
     if not groups:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-import inspect
 import math
 import os
 from collections import Counter
@@ -24,9 +23,11 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 from xbench import PROTOCOL_VERSION, __version__
 from xbench.base import Explainer, Metric, MetricBatch
+from xbench.boxes import input_boxes
 from xbench.data import Dataset, ImageItem, load_image, open_dataset
 from xbench.engine import ENGINES, auto_engine
 from xbench.environment import environment, resolve_device, short_versions, tune_allocator
@@ -34,7 +35,7 @@ from xbench.errors import UserError
 from xbench.guard import no_leaked_hooks, time_limit
 from xbench.model import ClassifierHandle, block_layers, masked_batch_size
 from xbench.plugins import Registry
-from xbench.profiles import PROFILES, plugin_options
+from xbench.profiles import plugin_options, profile_names
 from xbench.records import SCHEMA_VERSION, ResultRow, RunFolder, RunHeader
 from xbench.saliency import normalize_maps
 from xbench.timing import Stopwatch
@@ -54,6 +55,8 @@ class RunConfig:
     model: str = "efficientnet-lite0"
     data: str = "sample"
     labels: str | None = None
+    #: object boxes file (xbench.boxes); None: found beside the data, if any
+    boxes: str | None = None
     limit: int | None = None
     seed: int = 0
     device: str = "auto"
@@ -126,28 +129,51 @@ def failure_report(rows: Any, top: int = 3) -> tuple[int, int, list[tuple[int, s
     return cells, images, reasons
 
 
-def parse_options(items: tuple[str, ...]) -> dict[str, dict[str, Any]]:
-    """['rise.n_masks=1000', ...] -> {'rise': {'n_masks': 1000}} (values parsed as Python
-    literals when they parse, else kept as strings)."""
-    import ast
-
-    out: dict[str, dict[str, Any]] = {}
+def split_options(items: tuple[str, ...]) -> dict[str, dict[str, str]]:
+    """['rise.n_masks=1000', ...] -> {'rise': {'n_masks': '1000'}}, values still text."""
+    out: dict[str, dict[str, str]] = {}
     for item in items:
         head, sep, raw = item.partition("=")
         plugin, dot, key = head.partition(".")
         if not sep or not dot or not plugin or not key:
             raise UserError(f"--option {item!r}: expected PLUGIN.KEY=VALUE, e.g. rise.n_masks=1000")
-        try:
-            value = ast.literal_eval(raw)
-        except (ValueError, SyntaxError):
-            value = raw
-        out.setdefault(plugin, {})[key] = value
+        out.setdefault(plugin, {})[key] = raw
     return out
 
 
-def _accepts(cls: type, option: str) -> bool:
-    params = inspect.signature(cls.__init__).parameters
-    return option in params
+def _declares(cls: type, option: str) -> bool:
+    return any(spec.name == option for spec in cls.option_specs())
+
+
+def command_line_options(config: RunConfig, classes: dict[str, type]) -> dict[str, dict[str, Any]]:
+    """The run's ``-o`` options and ``--checkpoint/--member/--weights`` aliases, converted by
+    each plugin's declared types and checked, before anything is loaded.
+
+    ``classes``: {plugin name: class} of the selected explainers, metrics and the model.
+    """
+    out: dict[str, dict[str, Any]] = {}
+    for plugin, values in split_options(config.options).items():
+        if plugin not in classes:
+            from xbench.errors import did_you_mean
+
+            raise UserError(f"--option {plugin}.*: {plugin!r} is not a selected explainer, "
+                            f"metric or the model.{did_you_mean(plugin, classes)}")
+        out[plugin] = {key: classes[plugin].parse_option(key, raw) for key, raw in values.items()}
+    model = classes[config.model]
+    if config.checkpoint:
+        takers = [name for name, cls in classes.items() if _declares(cls, "checkpoint")]
+        if not takers:
+            raise UserError(f"--checkpoint: none of the selected plugins ({', '.join(classes)}) "
+                            "takes a checkpoint; select one that does (see 'xbench plugins NAME')")
+        for name in takers:
+            out.setdefault(name, {}).setdefault("checkpoint", config.checkpoint)
+    if config.member is not None:
+        if not _declares(model, "member"):
+            raise UserError(f"--member: model {config.model!r} has no members")
+        out.setdefault(config.model, {})["member"] = model.parse_option("member", config.member)
+    if config.weights is not None:
+        out.setdefault(config.model, {})["weights"] = config.weights
+    return out
 
 
 def _instantiate(kind: str, cls: type, **kwargs: Any) -> Any:
@@ -178,22 +204,22 @@ class Runner:
         if config.batch_size < 1:
             raise UserError(f"--batch-size must be >= 1, got {config.batch_size}")
         self.explainer_names = registry.select("explainer", config.explainers)
-        self.metric_names = registry.select("metric", config.metrics)
+        self.metric_names = select_metrics(registry, config.metrics)
         if config.metrics == "all":  # model-scope metrics are opt-in: they cost many passes
             self.metric_names = [name for name in self.metric_names
                                  if registry.metric(name).kind != "model"]
-        registry.info("model", config.model)
-        self.dataset = open_dataset(config.data, config.labels).subset(config.limit, config.seed)
+        self.classes: dict[str, type] = {
+            **{name: registry.explainer(name) for name in self.explainer_names},
+            **{name: registry.metric(name) for name in self.metric_names},
+            config.model: registry.model(config.model)}
+        self.cli_options = command_line_options(config, self.classes)
+        self.dataset = open_dataset(config.data, config.labels, config.boxes).subset(
+            config.limit, config.seed)
+        self.metric_names = self._box_metrics(self.metric_names)
         self.profile = self._resolve_profile()
         self.device = resolve_device(config.device)
-        self.cli_options = parse_options(config.options)
-        known = set(self.explainer_names) | set(self.metric_names) | {config.model}
-        for plugin in self.cli_options:
-            if plugin not in known:
-                from xbench.errors import did_you_mean
-
-                raise UserError(f"--option {plugin}.*: {plugin!r} is not a selected explainer, "
-                                f"metric or the model.{did_you_mean(plugin, known)}")
+        for plugin, cls in self.classes.items():  # profile values too, before any loading
+            cls.make_options(self._options_for(plugin))
         self.run_name = name or self._default_name()
         self.folder = RunFolder(out / self.run_name)
         inside = Path(os.path.normpath(self.folder.path))
@@ -205,12 +231,29 @@ class Runner:
 
     # -- set-up -------------------------------------------------------------------------
 
+    def _box_metrics(self, names: list[str]) -> list[str]:
+        """Metrics that read boxes need a dataset with boxes: left out of ``all`` (and of a
+        family) without them, an error when named."""
+        if self.dataset.boxes is not None:
+            return names
+        named = set(self.config.metrics.replace(" ", "").split(","))
+        needing = [n for n in names if self.registry.metric(n).needs_boxes]
+        asked = [n for n in needing
+                 if n in named or self.registry.metric(n).metric_family() in named]
+        if asked:
+            raise UserError(f"--metrics {', '.join(asked)}: needs "
+                            f"object boxes, and --data {self.config.data} has none; pass --boxes "
+                            "FILE (file,width,height,x0,y0,x1,y1 CSV, LOC_val_solution.csv or the "
+                            "ILSVRC2012_bbox_val_v3 folder) or put <folder>_boxes.csv beside it")
+        return [n for n in names if n not in needing]
+
     def _resolve_profile(self) -> str:
         profile = self.config.profile
         if profile == "auto":
             return "quick" if self.dataset.layout == "embedded" else "paper"
-        if profile not in PROFILES:
-            raise UserError(f"--profile {profile!r}: choose one of {sorted(PROFILES)} or auto")
+        known = profile_names(list(self.registry_classes()))
+        if profile not in known:
+            raise UserError(f"--profile {profile!r}: choose one of {', '.join(known)} or auto")
         return profile
 
     def _default_name(self) -> str:
@@ -219,21 +262,18 @@ class Runner:
             parts.append(f"n{self.config.limit}-s{self.config.seed}")
         return "_".join(parts)
 
-    def _options_for(self, plugin: str, cls: type) -> dict[str, Any]:
-        options = plugin_options(self.profile, plugin)
+    def registry_classes(self) -> list[type]:
+        return [info.cls for table in self.registry.entries.values() for info in table.values()]
+
+    def _options_for(self, plugin: str) -> dict[str, Any]:
+        """The plugin's options for this run: its profile values, then the command line's."""
+        options = plugin_options(self.profile, self.classes[plugin])
         options.update(self.cli_options.get(plugin, {}))
-        if self.config.checkpoint and _accepts(cls, "checkpoint"):
-            options.setdefault("checkpoint", self.config.checkpoint)
         return options
 
     def _load_model(self) -> ClassifierHandle:
-        cls = self.registry.model(self.config.model)
-        options = self._options_for(self.config.model, cls)
-        if self.config.member is not None:
-            if not _accepts(cls, "member"):
-                raise UserError(f"--member: model {self.config.model!r} has no members")
-            options["member"] = self.config.member
-        model = _instantiate("model", cls, weights=self.config.weights, **options)
+        cls = self.classes[self.config.model]
+        model = _instantiate("model", cls, **self._options_for(self.config.model))
         loaded = model.load()
         return ClassifierHandle(loaded, self.device, channels_last=self.config.channels_last,
                                 name=self.config.model)
@@ -255,7 +295,7 @@ class Runner:
         out = []
         for name in self.explainer_names:
             cls = self.registry.explainer(name)
-            options = self._options_for(name, cls)
+            options = self._options_for(name)
             for layer in (layers if cls.uses_layer else ["-"]):
                 instance = _instantiate("explainer", cls, layer=None if layer == "-" else layer,
                                         seed=self.config.seed, **options)
@@ -263,18 +303,15 @@ class Runner:
         return out
 
     def _metrics(self) -> list[Metric]:
-        return [_instantiate("metric", cls, **self._options_for(name, cls))
-                for name in self.metric_names
-                for cls in [self.registry.metric(name)]]
+        return [_instantiate("metric", self.classes[name], **self._options_for(name))
+                for name in self.metric_names]
 
     def resolved_config(self) -> dict[str, Any]:
         config = dataclasses.asdict(self.config)
         config.update(explainers=self.explainer_names, metrics=self.metric_names,
                       profile=self.profile, options=list(self.config.options),
-                      plugin_options={name: self._options_for(name, self.registry.get(kind, name))
-                                      for kind, names in (("explainer", self.explainer_names),
-                                                          ("metric", self.metric_names))
-                                      for name in names})
+                      plugin_options={name: self._options_for(name)
+                                      for name in [*self.explainer_names, *self.metric_names]})
         return config
 
     def _header(self, handle: ClassifierHandle, units_total: int,
@@ -294,7 +331,10 @@ class Runner:
             dataset={"name": self.dataset.name, "layout": self.dataset.layout,
                      "root": self.dataset.root, "images": len(self.dataset.items),
                      "subset_hash": self.dataset.subset_hash, "limit": self.config.limit,
-                     "seed": self.config.seed},
+                     "seed": self.config.seed,
+                     "boxes": None if self.dataset.boxes is None else {
+                         "source": self.dataset.boxes.source,
+                         "layout": self.dataset.boxes.layout}},
             environment=environment(self.device), plugins=self.registry.versions(),
             units_total=units_total,
         )
@@ -587,7 +627,18 @@ class Runner:
         batch = {"items": [items[good[k]] for k in keep], "images": images[keep_t],
                  "targets": target_t, "predicted": predicted[keep_t],
                  "clean_probs": probs[keep_t].gather(1, target_t[:, None])[:, 0]}
+        if self.dataset.boxes is not None:
+            batch["boxes"] = [self._boxes(item, loaded) for item in batch["items"]]
         return batch, rows
+
+    def _boxes(self, item: ImageItem, loaded: Any) -> torch.Tensor:
+        """The item's boxes in input pixels ((0, 5) when it has none), xbench.boxes."""
+        found = self.dataset.boxes.get(item.id)
+        if found is None:
+            return torch.zeros(0, 5, dtype=torch.long)
+        with Image.open(item.path) as image:  # the header only: the stored size
+            size = image.size
+        return input_boxes(found, size, loaded.resize_size, loaded.input_size, item.label)
 
     def _row(self, base: dict[str, Any], item: ImageItem, predicted: int | None,
              target: int | None, explainer: str, explainer_variant: str, layer: str,
@@ -625,7 +676,7 @@ class Runner:
         # Retry image by image, so one bad image does not cost the whole batch its scores.
         rows = []
         for i in range(len(batch["items"])):
-            single = {k: (v[i:i + 1]) for k, v in batch.items()}
+            single = {k: (v[i:i + 1]) for k, v in batch.items()}  # lists too (boxes)
             rows.extend(self._explain_unit(handle, single, explainer, layer, metrics, base,
                                            previews))
         return rows
@@ -651,7 +702,7 @@ class Runner:
             degenerate=degenerate, clean_probs=batch["clean_probs"],
             explain_forward=per_image(counts["forward"]),
             explain_backward=per_image(counts["backward"]),
-            explain_seconds=per_image(watch.seconds))
+            explain_seconds=per_image(watch.seconds), boxes=batch.get("boxes"))
         # a timing metric's rows keep the batch's time (their value is its per-image share);
         # other rows stay free of timings, so they are reproducible byte for byte
         timed = {**base, "batch_seconds": watch.seconds, "batch_images": n}
@@ -684,18 +735,21 @@ class Runner:
                     raise ValueError(f"returned shape {tuple(values.shape)} for variant "
                                      f"{variant!r}; expected ({len(items)},)")
         except Exception as exc:  # noqa: BLE001 - a metric failure is recorded, not fatal
-            return [self._row(**common(i), variant="", value=None, status="failed",
+            return [self._row(**common(i), variant=metric.row_variant(""), value=None, status="failed",
                               error=f"metric {metric.name!r}: {type(exc).__name__}: {exc}")
                     for i in range(len(items))]
         rows = []
-        for variant, values in scores.items():
-            curves = metric_batch.curves.get((metric.name, variant))
+        for key, values in scores.items():
+            curves = metric_batch.curves.get((metric.name, key))
+            variant = metric.row_variant(key)
             for i in range(len(items)):
                 value = float(values[i])
                 degenerate = metric.kind == "faithfulness" and bool(metric_batch.degenerate[i])
                 curve = None
                 if curves is not None:
                     curve = tuple(round(float(v), CURVE_DECIMALS) for v in curves[i])
+                if math.isnan(value) and metric.needs_boxes:
+                    continue  # no box this metric can use: the image is excluded, not scored
                 if math.isfinite(value):
                     rows.append(self._row(**common(i), variant=variant, value=value,
                                           degenerate=degenerate, curve=curve))
@@ -723,6 +777,28 @@ def _write_safely(folder: RunFolder, header: RunHeader) -> None:
         folder.update_header(header)
     except OSError:
         pass
+
+
+def select_metrics(registry: Registry, spec: str) -> list[str]:
+    """``--metrics``: 'all', or names and family names (``localisation``, ``complexity``,
+    ``faithfulness``, ``cost``, ``model``; a family expands to its metrics in registry order)."""
+    names = [n.strip() for n in spec.split(",") if n.strip()]
+    if names == ["all"]:
+        return registry.select("metric", "all")
+    metrics = registry.names("metric")
+    families: dict[str, list[str]] = {}
+    for name in metrics:
+        families.setdefault(registry.metric(name).metric_family(), []).append(name)
+    out: list[str] = []
+    for name in names:
+        if name in metrics:
+            chosen = [name]
+        elif name in families:
+            chosen = families[name]
+        else:
+            chosen = registry.select("metric", [name])  # raises, with "did you mean"
+        out.extend(n for n in chosen if n not in out)
+    return out
 
 
 def map_previews(saliency: torch.Tensor, size: int = PREVIEW_SIZE) -> np.ndarray:

@@ -14,6 +14,7 @@ xbench's built-in plugins are tested with the same functions (tests/test_conform
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import torch
@@ -22,6 +23,7 @@ from torch import nn
 from xbench.base import Explainer, LoadedModel, Metric, MetricBatch, Model
 from xbench.engine import auto_engine
 from xbench.model import ClassifierHandle
+from xbench.options import OptionError, OptionSpec, check_value
 from xbench.saliency import normalize_maps
 
 TOY_CLASSES = 10
@@ -67,6 +69,19 @@ def toy_model(seed: int = 0, device: str | torch.device = "cpu") -> ClassifierHa
 def toy_images(batch: int = 2, seed: int = 0, size: int = TOY_SIZE) -> torch.Tensor:
     generator = torch.Generator().manual_seed(seed)
     return torch.rand(batch, 3, size, size, generator=generator)
+
+
+def toy_boxes(targets: torch.Tensor, size: int = TOY_SIZE) -> list[torch.Tensor]:
+    """Per-image (K, 5) boxes for ``check_metric``: two boxes of the target's class and one
+    of another class, at seeded places of a ``size`` x ``size`` input."""
+    generator = torch.Generator().manual_seed(3)
+    out = []
+    for target in targets.tolist():
+        corners = torch.randint(0, size // 2, (3, 2), generator=generator)
+        extent = torch.randint(2, size // 2, (3, 2), generator=generator)
+        classes = torch.tensor([target, target, (target + 1) % TOY_CLASSES])
+        out.append(torch.cat([corners, corners + extent, classes[:, None]], dim=1))
+    return out
 
 
 def _hook_count(module: nn.Module) -> int:
@@ -162,6 +177,7 @@ def check_explainer(cls: type[Explainer], model: ClassifierHandle | None = None,
         assert torch.allclose(batched_n, engine_n, atol=1e-3), (
             f"{where}: maps differ when the model's hook-free forwards (model.predict) run "
             f"through ONNX Runtime; use model(...) where you need hooks or gradients")
+    check_options_reach_variant(cls, options)
     return maps
 
 
@@ -206,6 +222,7 @@ def check_metric(cls: type[Metric], model: ClassifierHandle | None = None,
     generator = torch.Generator().manual_seed(2)
     raw = torch.rand(batch, 7, 7, generator=generator).to(model.device)
     saliency, degenerate = normalize_maps(raw, tuple(images.shape[-2:]))
+    boxes = toy_boxes(targets, model.input_size) if cls.needs_boxes else None
 
     def make_batch(sel: slice, model: ClassifierHandle = model) -> MetricBatch:
         n = len(range(*sel.indices(batch)))
@@ -219,7 +236,8 @@ def check_metric(cls: type[Metric], model: ClassifierHandle | None = None,
                            clean_probs=probs[sel].gather(1, targets[sel, None])[:, 0],
                            explain_forward=torch.ones(n, dtype=torch.float64),
                            explain_backward=torch.ones(n, dtype=torch.float64),
-                           explain_seconds=torch.full((n,), 0.5, dtype=torch.float64))
+                           explain_seconds=torch.full((n,), 0.5, dtype=torch.float64),
+                           boxes=None if boxes is None else boxes[sel])
 
     hooks = _hook_count(model)
     with torch.no_grad():
@@ -238,6 +256,13 @@ def check_metric(cls: type[Metric], model: ClassifierHandle | None = None,
         joined = torch.cat([s[variant] for s in singles])
         assert torch.allclose(values.double(), joined.double(), atol=1e-5), (
             f"{where}: variant {variant!r} changes with the batch size")
+    if cls.needs_boxes:  # a dataset without boxes: every image excluded (NaN), no error
+        with torch.no_grad():
+            unboxed = cls(**(options or {})).score(
+                dataclasses.replace(make_batch(slice(None)), boxes=None))
+        for variant, values in unboxed.items():
+            assert torch.isnan(values).all(), (
+                f"{where}: variant {variant!r} must be NaN (image excluded) without boxes")
     twin = engine_twin(model)
     if twin is not None:
         with torch.no_grad():
@@ -247,4 +272,68 @@ def check_metric(cls: type[Metric], model: ClassifierHandle | None = None,
                                   atol=1e-3, rtol=1e-3), (
                 f"{where}: variant {variant!r} differs when the model's hook-free forwards run "
                 f"through ONNX Runtime")
+    check_options_reach_variant(cls, options, lambda metric: {
+        metric.row_variant(key) for key in metric.score(make_batch(slice(None)))})
     return scores
+
+
+def _other_value(spec: OptionSpec, current: Any) -> Any:
+    """A valid value different from ``current`` for ``spec``, or _SKIP when none can be made
+    without knowing the plugin (free text, paths)."""
+    if spec.choices is not None:
+        if isinstance(current, tuple):
+            return current[:1] if len(current) > 1 else tuple(c for c in spec.choices
+                                                               if c not in current)[:1] or _SKIP
+        return next((c for c in spec.choices if c != current), _SKIP)
+    if isinstance(current, bool):
+        return not current
+    if isinstance(current, tuple):
+        return current[:1] if len(current) > 1 else _SKIP
+    number = spec.type
+    if current is None:
+        for candidate in (int, float):
+            if candidate in getattr(spec.type, "__args__", ()):
+                number = candidate
+        if number not in (int, float):
+            return _SKIP
+        low = spec.minimum if spec.minimum is not None else 1
+        value = number(max(low, 16))
+        return value if spec.maximum is None or value <= spec.maximum else number(low)
+    if isinstance(current, (int, float)):
+        # the lower bound first: the value most likely to change the output on a small model
+        for value in (spec.minimum if spec.minimum is not None else current,
+                      current + 1 if isinstance(current, int) else current * 2,
+                      current - 1 if isinstance(current, int) else current / 2):
+            try:
+                if value != current:
+                    return check_value(spec, value, "kit")
+            except OptionError:
+                continue
+    return _SKIP
+
+
+_SKIP = object()
+
+
+def check_options_reach_variant(cls: type[Explainer] | type[Metric],
+                                options: dict[str, Any] | None = None,
+                                variants: Any = None) -> None:
+    """Assert that changing any option declared to change the output changes what the rows
+    record: the explainer's ``variant``, or the metric's row variants (``variants(metric)``).
+    Options without a value the kit can make up (free text, paths) are left out."""
+    where = f"{cls.plugin_kind} {getattr(cls, 'name', cls.__name__)!r}"
+    options = dict(options or {})
+    variants = variants or (lambda plugin: plugin.variant)
+    with torch.no_grad():
+        baseline = variants(cls(**options))
+        for spec in cls.option_specs():
+            if not spec.in_variant:
+                continue
+            value = _other_value(spec, options.get(spec.name, spec.default))
+            if value is _SKIP:
+                continue
+            changed = variants(cls(**{**options, spec.name: value}))
+            assert changed != baseline, (
+                f"{where}: option {spec.name}={value!r} changes the output but not the recorded "
+                f"variant ({baseline!r}); derive variant from the options (do not override it) or "
+                "declare the option in_variant=False if it never changes the output")

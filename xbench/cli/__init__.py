@@ -22,16 +22,13 @@ SUBCOMMANDS = {
     "plugins": ("xbench.cli.plugins", "list installed plugins"),
     "explain": ("xbench.cli.explain", "write a heatmap overlay PNG for one image"),
     "plot": ("xbench.cli.plot", "draw figures from a run's records (PNG)"),
-    "train": ("xbench.cli.train", "train L-CAM heads or mutual-transfer students"),
-    "similarity": ("xbench.cli.similarity",
-                   "neuron similarity values from class average images (Wang 2022)"),
     "report": ("xbench.cli.report", "write a self-contained HTML report of a run"),
     "check": ("xbench.cli.check", "validate every line of a run's records against the schema"),
 }
 
 
-def _chosen_subcommand(argv: list[str]) -> str | None:
-    """The subcommand named on the command line (skipping ``-p VALUE``), or None."""
+def _first_command_word(argv: list[str]) -> str | None:
+    """The first word of the command line that is not an option (skipping ``-p VALUE``)."""
     skip = False
     for arg in argv:
         if skip:
@@ -39,8 +36,14 @@ def _chosen_subcommand(argv: list[str]) -> str | None:
         elif arg == "-p":
             skip = True
         elif not arg.startswith("-"):
-            return arg if arg in SUBCOMMANDS else None
+            return arg
     return None
+
+
+def _chosen_subcommand(argv: list[str]) -> str | None:
+    """The built-in subcommand named on the command line, or None."""
+    word = _first_command_word(argv)
+    return word if word in SUBCOMMANDS else None
 
 
 def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
@@ -49,7 +52,9 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     from xbench import __version__
 
     parser = argparse.ArgumentParser(prog="xbench", description=(
-        "Benchmark visual explanation methods: which explainer is most faithful, at what cost?"))
+        "Benchmark visual explanation methods: which explainer is most faithful, at what cost?"),
+        epilog="Plugins add commands of their own (built-in: 'xbench similarity', 'xbench train "
+               "lcam', 'xbench train mutual-transfer'); 'xbench plugins' lists the plugins.")
     parser.add_argument("--version", action="version", version=f"xbench {__version__}")
     parser.add_argument("-p", dest="plugin_options", action="append", default=[], metavar="no:NAME",
                         help="block the plugin NAME for this command (repeatable)")
@@ -64,7 +69,25 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
         except ModuleNotFoundError as exc:
             if exc.name != module:
                 raise
+    argv = sys.argv[1:] if argv is None else argv
+    # plugin modules import torch: load them only when a command is named (a bare --help or
+    # --version must stay instant; their commands are named in the epilog instead)
+    if _first_command_word(argv) is not None:
+        add_plugin_commands(parser, sub, argv)
     return parser
+
+
+def add_plugin_commands(parser: argparse.ArgumentParser, sub, argv: list[str]) -> None:
+    """Commands plugins register (``register_commands``); ``-p no:NAME`` removes them."""
+    from xbench.commands import add_commands, collect_commands
+    from xbench.plugins import make_plugin_manager
+
+    blocked = [argv[i + 1][3:] for i, token in enumerate(argv[:-1])
+               if token == "-p" and argv[i + 1].startswith("no:")]
+    pm, _, dists = make_plugin_manager(blocked=blocked)
+    commands, errors = collect_commands(pm, dists, reserved=list(SUBCOMMANDS))
+    add_commands(sub, commands, argv)
+    parser.set_defaults(plugin_command_errors=errors)
 
 
 def blocked_plugins(args: argparse.Namespace) -> list[str]:
@@ -83,6 +106,8 @@ def main(argv: list[str] | None = None) -> int:
 
     tune_allocator()
     err = message_console()
+    for message in getattr(args, "plugin_command_errors", []):
+        err.print(f"[yellow]warning:[/] {message}", highlight=False)
     try:
         return int(args.func(args) or 0)
     except UserError as exc:

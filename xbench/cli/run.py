@@ -31,6 +31,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--data", default="sample", help="'sample' (embedded photos) or a folder")
     p.add_argument("--labels", help="labels file: file,label CSV, LOC_val_solution.csv or devkit "
                    "ground truth")
+    p.add_argument("--boxes", help="object boxes: file,width,height,x0,y0,x1,y1 CSV, "
+                   "LOC_val_solution.csv or the ILSVRC2012_bbox_val_v3 folder (default: found "
+                   "beside --data, e.g. <folder>_boxes.csv)")
     p.add_argument("--limit", type=int, help="use a seeded subset of N images")
     p.add_argument("--seed", type=int, default=0, help="seed for subsets, masks and bootstrap")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
@@ -82,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
         err.print(f"[yellow]warning:[/] {message}", highlight=False)
     config = RunConfig(
         explainers=args.explainers, metrics=args.metrics, model=args.model, data=args.data,
-        labels=args.labels, limit=args.limit, seed=args.seed, device=device,
+        labels=args.labels, boxes=args.boxes, limit=args.limit, seed=args.seed, device=device,
         dtype=args.dtype, batch_size=args.batch_size, profile=args.profile, layers=args.layers,
         weights=args.weights, target_rule=args.target_rule, channels_last=args.channels_last,
         options=tuple(args.options), checkpoint=args.checkpoint, member=args.member,

@@ -34,10 +34,9 @@ runs on CPU in a few minutes: scikit-learn digits with a small VGG-like CNN (shi
 """
 
 
-def add_parser(subparsers) -> None:
-    parser = subparsers.add_parser(
-        "similarity", help="neuron similarity values from class average images (Wang 2022)",
-        description=DESCRIPTION)
+def add_arguments(parser) -> None:
+    """The arguments of ``xbench similarity`` (registered by the similarity plugin)."""
+    parser.description = DESCRIPTION
     parser.add_argument("--model", default="digits-vgg",
                         help="registered model name (default: digits-vgg, shipped weights)")
     parser.add_argument("--weights", help="weights file for the model")
@@ -78,7 +77,6 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--seed", type=int, default=0,
                         help="seed of the --limit subset and of the random prunings")
     parser.add_argument("--out", required=True, help="output folder")
-    parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:

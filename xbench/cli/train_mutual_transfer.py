@@ -5,9 +5,10 @@ Cheng, Wang, Cui, Zhan, Computer Science 49(5):64-70, 2022; the method lives in
 runs (and resumes) the training with progress on stderr, and writes checkpoints that the
 ``mutual-transfer`` Model plugin reads (``--model mutual-transfer --checkpoint CKPT --member st1``).
 
-``--compare`` trains the three rows of the paper's Table 1 from the same starting point
-(independent training = beta 0, global transfer = lambda -1, local transfer = --lambda) and
-prints their held-out accuracies.
+``--compare`` trains the rows of the paper's Table 1 from the same starting point
+(independent training = beta 0, global transfer = lambda -1, local transfer at each of
+``--lambdas``) and prints their held-out accuracies with intervals, the kept-region fractions
+and paired tests between regimes (``xbench_plugins.mutual_transfer_report``).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -32,6 +34,7 @@ from xbench.errors import UserError
 BUILTIN_DATA = ("digits", "cifar10", "cifar100")
 DIGITS_TEST_FRACTION = 0.3
 DIGITS_SPLIT_SEED = 0  # fixed: --seed varies training only, never which digits are held out
+DEFAULT_LAMBDAS = "0.5,0.6,0.7,0.8,0.85,0.9,0.99"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -78,8 +81,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="ablation: let gradients flow into the other student's map too "
                              "(default: the other's map is a constant target)")
     parser.add_argument("--compare", action="store_true",
-                        help="train the Table-1 rows (independent, global, local) from one starting "
-                             "point; --out is then a folder")
+                        help="train the Table-1 rows (independent, global, local at each --lambdas) "
+                             "from one starting point; --out is then a folder")
+    # argparse < 3.13 reads "-1,0.5" as an unknown option; this parser has no option that looks
+    # like a negative number, so such a token can only be a value
+    parser._negative_number_matcher = re.compile(r"^-\d*\.?\d+([,\s]+-?\d*\.?\d+)*$")
+    parser.add_argument("--lambdas", default=DEFAULT_LAMBDAS, metavar="L,L,...",
+                        help="with --compare: one local-transfer run per lambda (-1 = the global row, "
+                             f"always trained; default {DEFAULT_LAMBDAS}, chosen so that the digits "
+                             "demo keeps from ~100%% to well under 50%% of the regions)")
     parser.add_argument("--out", required=True, metavar="CKPT",
                         help="checkpoint path (a folder with --compare); written after every epoch")
     parser.add_argument("--resume", action="store_true", help="continue from --out if it exists")
@@ -135,7 +145,7 @@ def load_cifar(name: str, root: str) -> tuple[Any, Any]:
 
 
 def _class_names(dataset: Any) -> tuple[str, ...]:
-    from xbench_plugins.imagenet_meta import class_names
+    from xbench.imagenet import class_names
 
     if dataset.layout.startswith("class folders (sorted names)"):
         root = Path(dataset.root)
@@ -256,14 +266,18 @@ def initial_students(config: Any, train: Any, console: Console) -> tuple[dict[st
     return {"st1": st1, "st2": st2}, history
 
 
-def evaluate_both(students: dict[str, Any], data: Any, console: Console, label: str) -> dict[str, float]:
-    from xbench_plugins.mutual_transfer import evaluate
+def evaluate_both(students: dict[str, Any], data: Any, console: Console, label: str) -> dict[str, Any]:
+    """top1_st1/st2 and correct_st1/st2 (per-image '0'/'1' strings, for paired tests)."""
+    from xbench_plugins.mutual_transfer import correct_predictions
+    from xbench_plugins.mutual_transfer_report import bits
 
-    out = {}
+    out: dict[str, Any] = {}
     with _progress(console) as progress:
         for name, student in students.items():
             task = progress.add_task(f"{label}: top-1 {name} on {data.name}", total=len(data), stats="")
-            out[f"top1_{name}"] = evaluate(student, data, on_batch=lambda n, t=task: progress.advance(t, n))
+            hits = correct_predictions(student, data, on_batch=lambda n, t=task: progress.advance(t, n))
+            out[f"top1_{name}"] = int(hits.sum()) / max(len(data), 1)
+            out[f"correct_{name}"] = bits(hits.tolist())
     return out
 
 
@@ -355,53 +369,84 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-REGIMES = ("independent", "global", "local")
-
-
 def _compare(args: argparse.Namespace, train: Any, test: Any, out: Path, console: Console) -> int:
-    """Table 1 of the paper: independent (beta 0), global (lambda -1), local (--lambda)."""
+    """Table 1 of the paper as a lambda sweep: independent (beta 0), global (lambda -1) and local
+    transfer at each of --lambdas, all from one starting point, evaluated on the same images."""
     from xbench_plugins.mutual_transfer import load_students, save_checkpoint
+    from xbench_plugins.mutual_transfer_report import paired_tests, parse_lambdas, regime_name, sweep_row
 
     if test is None:
         raise UserError("--compare needs an evaluation set: use --data digits/cifar* or --val-data PATH")
+    lambdas = parse_lambdas(args.lambdas)
     out.mkdir(parents=True, exist_ok=True)
-    configs = {"independent": make_config(args, lam=-1.0, beta=0.0),
-               "global": make_config(args, lam=-1.0),
-               "local": make_config(args)}
+    configs = {"independent": make_config(args, lam=-1.0, beta=0.0), "global": make_config(args, lam=-1.0)}
+    for lam in lambdas:
+        configs.setdefault(regime_name(lam, args.beta), make_config(args, lam=lam))
     initial = out / "initial.pt"
     if args.resume and initial.is_file():
         start, payload = load_students(initial)
         pre_history = list(payload["history"])
     else:
-        start, pre_history = initial_students(configs["local"], train, console)
+        start, pre_history = initial_students(configs["global"], train, console)
         save_checkpoint(initial, start, train.class_names,
-                        {"config": configs["local"].as_dict(), "epoch": 0, "history": pre_history})
+                        {"config": configs["global"].as_dict(), "epoch": 0, "history": pre_history})
     results: dict[str, Any] = {}
     before = None
-    for regime in REGIMES:
-        results[regime] = train_run(configs[regime], start, pre_history, train, test,
-                                    out / f"{regime}.pt", args.resume, console, tag=f"{regime}: ",
-                                    before=before)
+    for regime, config in configs.items():
+        results[regime] = train_run(config, start, pre_history, train, test,
+                                    out / f"{regime.replace(' ', '-')}.pt", args.resume, console,
+                                    tag=f"{regime}: ", before=before)
         before = _summary(results[regime])["before"]
-        before = {k: v for k, v in before.items() if k.startswith("top1_")} if before else None
-    table = Table(title=(f"Table 1 shape on {train.name} -> {test.name} ({len(test)} images): top-1 after "
-                         f"{args.epochs} epochs, seed {args.seed}, grid {args.grid}, beta {args.beta}"))
-    for column in ("regime", "lambda", "beta", f"ST1 {args.st1}", f"ST2 {args.st2}", "kept regions"):
+        before = {k: v for k, v in before.items() if k.startswith(("top1_", "correct_"))} if before else None
+    histories = {r: results[r]["history"] for r in configs}
+    rows = [sweep_row(r, results[r]["config"], histories[r]) for r in configs]
+    for row in rows:
+        mutual = [h for h in histories[row["regime"]] if h.get("phase") == "mutual"]
+        row["r_quantiles_first"] = mutual[0].get("r_quantiles")
+        row["r_quantiles_last"] = mutual[-1].get("r_quantiles")
+    tests = paired_tests(histories)
+    before = _summary(results["global"])["before"]
+
+    def pct(v: float | None) -> str:
+        return "" if v is None else f"{v:.1%}"
+
+    def top1(row: dict[str, Any], member: str) -> str:
+        ci = row.get(f"top1_{member}_ci95")
+        return f"{row[f'top1_{member}']:.4f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")
+
+    table = Table(title=(f"Table 1 as a lambda sweep on {train.name} -> {test.name} ({len(test)} images): "
+                         f"top-1 [95% Wilson] after {args.epochs} epochs, seed {args.seed}, grid {args.grid}, "
+                         f"beta {args.beta}; kept regions first -> last epoch, overall and per layer pair"))
+    for column in ("regime", f"ST1 {args.st1}", f"ST2 {args.st2}", "kept", "kept per layer pair"):
         table.add_column(column)
-    rows = []
-    before = _summary(results["local"])["before"]
-    table.add_row("start (ST1 pretrained)", "", "", f"{before['top1_st1']:.4f}", f"{before['top1_st2']:.4f}", "")
-    for regime in REGIMES:
-        cfg, after = results[regime]["config"], _summary(results[regime])["after"]
-        kept = f"{after['kept']:.0%}" if cfg["beta"] else "(no transfer)"
-        table.add_row(regime, f"{cfg['lam']:g}", f"{cfg['beta']:g}", f"{after['top1_st1']:.4f}",
-                      f"{after['top1_st2']:.4f}", kept)
-        rows.append({"regime": regime, "lambda": cfg["lam"], "beta": cfg["beta"],
-                     "top1_st1": after["top1_st1"], "top1_st2": after["top1_st2"], "kept": after["kept"]})
+    table.add_row("start", f"{before['top1_st1']:.4f}", f"{before['top1_st2']:.4f}", "", "")
+    for row in rows:
+        if row["beta"] == 0:
+            kept = layers = "(no transfer)"
+        else:
+            kept = f"{pct(row['kept_first'])} -> {pct(row['kept_last'])}"
+            layers = " ".join(f"{pct(a)}->{pct(b)}" for a, b in zip(row["kept_layers_first"], row["kept_layers_last"]))
+        table.add_row(row["regime"], top1(row, "st1"), top1(row, "st2"), kept, layers)
     table_console().print(table)
+    paired = Table(title=f"paired (McNemar exact) on the same {len(test)} images: regime minus reference, "
+                         "images only the regime / only the reference gets right, two-sided p")
+    for column in ("regime", "reference", "student", "delta top-1", "only regime", "only ref", "p"):
+        paired.add_column(column)
+    for t in tests:
+        paired.add_row(t["regime"], t["reference"], t["student"].upper(), f"{t['delta']:+.4f}",
+                       str(t["only_regime"]), str(t["only_reference"]), f"{t['p']:.3g}")
+    table_console().print(paired)
+    # transfer pulls r towards 1, so the global run's r says little about where a gate will
+    # bite; the independent run's r is what the maps do without transfer
+    for regime in ("independent", "global"):
+        quant = [h for h in histories[regime] if h.get("phase") == "mutual"][-1].get("r_quantiles") or {}
+        if quant:
+            console.print(f"Pearson r of the regions, {regime} run, last epoch, quantiles "
+                          + ", ".join(f"q{lv:g} {v:.4f}" for lv, v in zip(quant["levels"], quant["all"])),
+                          highlight=False)
     (out / "table1.json").write_text(json.dumps(
         {"train": train.name, "test": test.name, "test_images": len(test), "seed": args.seed,
-         "epochs": args.epochs, "grid": args.grid, "start": before, "rows": rows,
-         "histories": {r: results[r]["history"] for r in REGIMES}}, indent=2))
+         "epochs": args.epochs, "grid": args.grid, "lambdas": lambdas, "start": before, "rows": rows,
+         "paired_tests": tests, "histories": histories}, indent=2))
     console.print(f"wrote {out / 'table1.json'} and one checkpoint per regime in {out}")
     return 0

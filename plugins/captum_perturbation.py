@@ -1,0 +1,235 @@
+"""The perturbation family as adapters over captum (Kokhlikyan et al., 2020; captum >= 0.7).
+
+Why adapters: captum's implementations are the reference, and one call each; its forward
+function here is the run's engine: f(x) = softmax(``model.predict(x)``)_c (the score the
+occlusion paper reads, ``output="probability"``) or the logit y^c (``output="logit"``), so the
+perturbed copies never run hooks or autograd, and ``perturbations_per_eval`` is chosen so that
+every call of the engine gets a full batch (its batch size, else 16 on CPU / 64 on GPU, as
+RISE). Tested against captum called directly (tests/test_captum_perturbation.py).
+
+- ``occlusion`` (Zeiler & Fergus, ECCV 2014): a_p = mean over the windows W covering p of
+  f(x) - f(x with W set to ``fill``); ``Occlusion(f).attribute(x, sliding_window_shapes=(3, w,
+  w), strides=(3, s, s), baselines=fill, target)``. 1 + windows forwards per image, windows =
+  (floor((H - w) / s) + 1) x (floor((W - w) / s) + 1).
+- ``feature-ablation``: a_p = f(x) - f(x with p's segment set to ``fill``);
+  ``FeatureAblation(f).attribute(x, baselines=fill, feature_mask, target)``. 1 + segments
+  forwards per image.
+- ``lime`` (Ribeiro et al., KDD 2016): weights of a linear model fitted to f on random
+  subsets of segments (kept segments as they are, others set to ``fill``);
+  ``Lime(f, interpretable_model=SkLearnLasso(alpha=lasso_alpha), similarity_func=exp(-d^2 /
+  w^2), d cosine distance, w = 1.0 (captum's defaults)).attribute(x, baselines=fill,
+  feature_mask, n_samples, target)``. ``samples`` forwards per image. Its default ``output`` is
+  the logit: the L1 penalty zeroes all weights fitted to probability differences on images
+  the model is unsure of.
+- ``kernel-shap`` (Lundberg & Lee, NeurIPS 2017): Shapley kernel-weighted linear regression
+  on random coalitions of segments; ``KernelShap(f).attribute(x, baselines=fill,
+  feature_mask, n_samples, target)``. ``samples`` forwards per image.
+
+Segments (``segments``): ``patches``, squares of ``patch`` pixels (the last row and column of
+squares are cut by the border), or ``slic``: SLIC superpixels (Achanta et al., TPAMI 2012) by
+``skimage.segmentation.slic(image, n_segments, compactness, sigma, start_label=0)`` on the
+pixel-space image; both recorded in the variant. Maps: the attribution of a pixel's window or
+segment (the same on the three channels), its positive part by default (``sign="positive"``,
+evidence for the class) or its absolute value (``sign="abs"``). Random draws (Lime, KernelShap)
+are seeded from the run seed and the image (:func:`xbench_plugins.controls.image_seed`), and
+images are attributed one by one (captum's Lime and KernelShap take one image at a time), so a
+batch gives the maps of its images explained alone.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import torch
+from captum._utils.models.linear_model import SkLearnLasso
+from captum.attr import FeatureAblation, KernelShap, Lime, Occlusion
+
+import xbench
+from xbench import Explainer, hookimpl, masked_batch_size
+from xbench_plugins.captum_gradients import seeded
+from xbench_plugins.controls import image_seed
+
+
+def patch_mask(height: int, width: int, patch: int, device=None) -> torch.Tensor:
+    """(H, W) long segment ids of ``patch`` x ``patch`` squares, row-major."""
+    rows = torch.arange(height, device=device) // patch
+    cols = torch.arange(width, device=device) // patch
+    per_row = -(-width // patch)
+    return rows[:, None] * per_row + cols[None, :]
+
+
+def slic_mask(image: torch.Tensor, n_segments: int, compactness: float,
+              sigma: float) -> torch.Tensor:
+    """(H, W) long SLIC superpixel ids of one pixel-space image (3, H, W)."""
+    from skimage.segmentation import slic
+
+    array = image.detach().float().clamp(0, 1).permute(1, 2, 0).cpu().numpy().astype(np.float64)
+    labels = slic(array, n_segments=n_segments, compactness=compactness, sigma=sigma,
+                  start_label=0, channel_axis=-1)
+    return torch.from_numpy(labels).long().to(image.device)
+
+
+class PerturbationOptions(xbench.Options):
+    output: str = xbench.option("probability", "score perturbed: softmax probability or "
+                                "logit of the target", choices=("probability", "logit"))
+    fill: float = xbench.option(0.0, "pixel value of removed regions (0 = black in pixel "
+                                "space)", minimum=0.0, maximum=1.0)
+    sign: str = xbench.option("positive", "map: positive part of the attribution, or its "
+                              "absolute value", choices=("positive", "abs"))
+    batch_size: int | None = xbench.option(None, "perturbed copies per forward pass (default: "
+                                           "the engine's batch, else by device)", minimum=1,
+                                           in_variant=False)
+
+
+class SegmentOptions(PerturbationOptions):
+    segments: str = xbench.option("slic", "features: SLIC superpixels or square patches",
+                                  choices=("slic", "patches"))
+    n_segments: int = xbench.option(50, "SLIC: approximate number of superpixels", minimum=1)
+    compactness: float = xbench.option(10.0, "SLIC: colour vs space trade-off (skimage's "
+                                       "default)", above=0.0)
+    slic_sigma: float = xbench.option(1.0, "SLIC: Gaussian pre-smoothing sigma in pixels",
+                                      minimum=0.0)
+    patch: int = xbench.option(32, "patches: side of a square in pixels", minimum=1)
+
+
+class CaptumPerturbation(Explainer):
+    """Base: images one by one through captum, forwards via ``model.predict`` in full batches."""
+
+    needs_gradients = False
+    uses_layer = False
+    library = "captum"
+    stochastic = False
+    Options = PerturbationOptions
+
+    def forward_func(self, model):
+        def f(x: torch.Tensor) -> torch.Tensor:
+            logits = model.predict(x).float()
+            return logits.softmax(dim=1) if self.options.output == "probability" else logits
+        return f
+
+    def per_eval(self, model, images) -> int:
+        return self.options.batch_size or model.engine_batch_size or masked_batch_size(
+            images.device)
+
+    def feature_mask(self, image: torch.Tensor) -> torch.Tensor:
+        """(1, 1, H, W) segment ids of one image (3, H, W)."""
+        if self.options.segments == "slic":
+            mask = slic_mask(image, self.options.n_segments, self.options.compactness,
+                             self.options.slic_sigma)
+        else:
+            mask = patch_mask(image.shape[-2], image.shape[-1], self.options.patch, image.device)
+        return mask[None, None]
+
+    def attribute(self, model, image, target) -> torch.Tensor:
+        raise NotImplementedError
+
+    def explain(self, model, images, targets):
+        maps = []
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*(batch|scalar).*")
+            for i in range(len(images)):
+                with seeded(image_seed(self.seed, images[i]), images.device):
+                    a = self.attribute(model, images[i:i + 1], targets[i:i + 1])
+                maps.append(a.detach()[:, 0].float())  # the same on all three channels
+        maps = torch.cat(maps)
+        return maps.clamp(min=0) if self.options.sign == "positive" else maps.abs()
+
+
+class OcclusionMap(CaptumPerturbation):
+    """a_p = mean over windows covering p of f(x) - f(x occluded), captum ``Occlusion``
+    (Zeiler & Fergus 2014); 1 + windows forwards."""
+
+    name = "occlusion"
+    summary = "Occlusion: score drop under a sliding square, captum Occlusion (1 + windows F)"
+
+    class Options(PerturbationOptions):
+        window: int = xbench.option(16, "side of the occluding square in pixels", minimum=1)
+        stride: int = xbench.option(8, "step of the sliding square in pixels", minimum=1)
+
+    profiles = {"quick": {"window": 32, "stride": 32}}
+
+    def windows(self, height: int, width: int) -> int:
+        w, s = self.options.window, self.options.stride
+        return ((height - w) // s + 1) * ((width - w) // s + 1)
+
+    def attribute(self, model, image, target):
+        w, s = self.options.window, self.options.stride
+        if w > min(image.shape[-2:]):
+            raise xbench.UserError(f"occlusion: option window={w} is larger than the image "
+                                   f"({image.shape[-2]}x{image.shape[-1]}); choose "
+                                   f"-o occlusion.window=N with N <= {min(image.shape[-2:])}")
+        return Occlusion(self.forward_func(model)).attribute(
+            image, sliding_window_shapes=(3, w, w), strides=(3, s, s), baselines=self.options.fill,
+            target=target, perturbations_per_eval=self.per_eval(model, image))
+
+
+class FeatureAblationMap(CaptumPerturbation):
+    """a_p = f(x) - f(x with p's segment removed), captum ``FeatureAblation``; 1 + segments
+    forwards."""
+
+    name = "feature-ablation"
+    summary = "Feature ablation: score drop per removed segment, captum FeatureAblation (1 + segments F)"
+    Options = SegmentOptions
+    profiles = {"quick": {"n_segments": 25}}
+
+    def attribute(self, model, image, target):
+        return FeatureAblation(self.forward_func(model)).attribute(
+            image, baselines=self.options.fill, feature_mask=self.feature_mask(image[0]),
+            target=target, perturbations_per_eval=self.per_eval(model, image))
+
+
+class SampledOptions(SegmentOptions):
+    samples: int = xbench.option(1000, "random perturbations n (the lime package's image "
+                                 "default)", minimum=1)
+
+
+class LimeMap(CaptumPerturbation):
+    """Lasso weights of a local linear model on random segment subsets, captum ``Lime``
+    (Ribeiro et al. 2016); n forwards."""
+
+    name = "lime"
+    summary = "LIME: sparse linear surrogate on random segment subsets, captum Lime (n F)"
+    stochastic = True
+
+    class Options(SampledOptions):
+        # Lasso(alpha=0.01) on probability differences zeroes every weight when p_c is modest
+        # (the embedded cat photo, p = 0.38 on EfficientNet-Lite0: an all-zero map); logits
+        # keep the surrogate's weights above the L1 penalty.
+        output: str = xbench.option("logit", "score perturbed: logit or softmax probability "
+                                    "of the target", choices=("logit", "probability"))
+        lasso_alpha: float = xbench.option(0.01, "L1 weight of the surrogate (captum's "
+                                           "default)", minimum=0.0)
+
+    profiles = {"quick": {"samples": 100}}
+
+    def attribute(self, model, image, target):
+        lime = Lime(self.forward_func(model),
+                    interpretable_model=SkLearnLasso(alpha=self.options.lasso_alpha))
+        return lime.attribute(image, baselines=self.options.fill,
+                              feature_mask=self.feature_mask(image[0]), target=target,
+                              n_samples=self.options.samples,
+                              perturbations_per_eval=self.per_eval(model, image))
+
+
+class KernelShapMap(CaptumPerturbation):
+    """Shapley-kernel weighted regression on random coalitions of segments, captum
+    ``KernelShap`` (Lundberg & Lee 2017); n forwards."""
+
+    name = "kernel-shap"
+    summary = "KernelSHAP: Shapley-kernel regression on segment coalitions, captum KernelShap (n F)"
+    stochastic = True
+    Options = SampledOptions
+    profiles = {"quick": {"samples": 100}}
+
+    def attribute(self, model, image, target):
+        return KernelShap(self.forward_func(model)).attribute(
+            image, baselines=self.options.fill, feature_mask=self.feature_mask(image[0]),
+            target=target, n_samples=self.options.samples,
+            perturbations_per_eval=self.per_eval(model, image))
+
+
+@hookimpl
+def register_explainers(register):
+    for cls in (OcclusionMap, FeatureAblationMap, LimeMap, KernelShapMap):
+        register(cls)
