@@ -440,10 +440,12 @@ def test_a_layer_without_a_spatial_map_is_refused_before_set_up(tmp_path, monkey
     with pytest.raises(UserError, match="has no spatial map") as refused:
         Runner(_config(data, layers="fc"), registry, tmp_path / "out").run()
     assert "block.1, block, head" in str(refused.value) and "'head'" in str(refused.value)
-    with pytest.raises(UserError, match="model has no layer 'nope'") as unknown:
+    with pytest.raises(UserError, match="model 'toy-cnn' has no layer 'nope'") as unknown:
         Runner(_config(data, layers="nope"), registry, tmp_path / "out2").run()
     hint = str(unknown.value)
-    assert "pool" in hint and "fc" not in hint  # only layers a CAM can use are suggested
+    # only layers a CAM can use are suggested: a spatial map larger than 1 x 1 (not the
+    # global pool's, a constant map), run once per forward
+    assert "act.head" in hint and "pool" not in hint and "fc" not in hint
 
 
 def test_the_summary_says_why_cells_failed_and_both_counts_agree(tmp_path, monkeypatch, capsys):
