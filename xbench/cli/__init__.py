@@ -29,15 +29,10 @@ SUBCOMMANDS = {
 
 def _first_command_word(argv: list[str]) -> str | None:
     """The first word of the command line that is not an option (skipping ``-p VALUE``)."""
-    skip = False
-    for arg in argv:
-        if skip:
-            skip = False
-        elif arg == "-p":
-            skip = True
-        elif not arg.startswith("-"):
-            return arg
-    return None
+    from xbench.commands import chosen_words  # light: no torch
+
+    words = chosen_words(argv)
+    return words[0] if words else None
 
 
 def _chosen_subcommand(argv: list[str]) -> str | None:
