@@ -136,13 +136,17 @@ class ClassifierHandle(nn.Module):
         tensors) or has no spatial map (nothing for a CAM to weight)."""
         name = name or self.default_layer
         modules = dict(self.net.named_modules())
+        info = self.census.layers.get(name)
+        if name in modules and name != "" and info is not None and info.calls == 1 \
+                and info.spatial:
+            return modules[name]
+        # the hint is built only for a refusal: this method runs on every explained batch
         usable = self.cam_layers()
         hint = (f"Layers a CAM can use (forward order): {_abridged(usable)}; the default is "
                 f"{self.default_layer!r}.")
         if name not in modules or name == "":
             raise UserError(f"model {self.name or 'model'!r} has no layer {name!r}."
                             f"{did_you_mean(name, usable or list(modules))} {hint}")
-        info = self.census.layers.get(name)
         if info is None:
             raise UserError(f"layer {name!r} of model {self.name or 'model'!r} does not run in "
                             f"a forward pass, so there is nothing to explain there. {hint}")
@@ -151,11 +155,9 @@ class ClassifierHandle(nn.Module):
                 f"layer {name!r} of model {self.name or 'model'!r} runs {info.calls} times per "
                 f"forward (one module object called from several places), so a hook on it sees "
                 f"{info.calls} different tensors. {hint}")
-        if not info.spatial:
-            raise UserError(
-                f"layer {name!r} of model {self.name or 'model'!r} has no spatial map (its output "
-                f"has shape {info.shape}); a CAM needs a (B, K, h, w) activation. {hint}")
-        return modules[name]
+        raise UserError(
+            f"layer {name!r} of model {self.name or 'model'!r} has no spatial map (its output "
+            f"has shape {info.shape}); a CAM needs a (B, K, h, w) activation. {hint}")
 
     @contextlib.contextmanager
     def counting(self) -> Iterator[dict[str, int]]:
