@@ -91,6 +91,19 @@ class Runner:
         """Load the model and lay the run out (nothing is explained or written)."""
         return self._plan(self._load_model())
 
+    def dry_run(self, probe: bool = True) -> str:
+        """The plan with its passes and, with ``probe``, a wall-time estimate from a short
+        throughput probe of the model on the run's engine (xbench.dry_run); writes nothing."""
+        from xbench.dry_run import describe, probe_throughput
+
+        handle = self._load_model()
+        plan = self._plan(handle)
+        throughput = None
+        if probe:
+            self._start_engine(handle)
+            throughput = probe_throughput(handle, self.config.batch_size)
+        return describe(plan, throughput)
+
     def _explainers(self, layers: list[str]) -> list[tuple[str, Explainer]]:
         out = []
         for name in self.explainer_names:

@@ -67,6 +67,9 @@ def add_parser(subparsers) -> None:
                    help="do not regenerate LEADERBOARD.md in --out")
     p.add_argument("--report", action="store_true",
                    help="also write RUN_DIR/report.html (xbench report, default options)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the units, passes per explainer and metric and an estimated "
+                   "wall time (a short throughput probe here), then exit without writing")
     p.set_defaults(func=run)
 
 
@@ -92,6 +95,9 @@ def run(args: argparse.Namespace) -> int:
         engine=args.engine, timeout=args.timeout, save_maps=args.save_maps)
     out = Path(args.out)
     runner = Runner(config, registry, out, name=args.name, progress=rich_progress)
+    if getattr(args, "dry_run", False):
+        console.print(runner.dry_run(), highlight=False, markup=False)
+        return 0
     err.print(f"xbench run [bold]{runner.run_name}[/]: {len(runner.dataset.items)} images, "
               f"explainers {', '.join(runner.explainer_names)}; profile {runner.profile}",
               highlight=False)
