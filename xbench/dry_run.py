@@ -76,6 +76,8 @@ def _cell(passes: Passes | None) -> str:
 
 
 def _duration(seconds: float) -> str:
+    if seconds < 1:
+        return f"{seconds * 1e3:.3g} ms"
     if seconds < 120:
         return f"{seconds:.1f} s"
     if seconds < 7200:
