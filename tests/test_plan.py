@@ -119,6 +119,7 @@ MEASURED = ("gradcam,guided-gradcam,scorecam,rise,saliency,integrated-gradients,
             "deeplift,occlusion,lime,eigencam,ablation-cam,random")
 
 
+@pytest.mark.slow
 def test_planned_passes_equal_the_counted_passes_of_a_run(tmp_path, images, toy_registry):
     config = _config(images, explainers=MEASURED, metrics="forward-passes,backward-passes",
                      options=SMALL)
@@ -302,6 +303,7 @@ def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path, images, toy_regist
 
 # -- the reference run's rows are unchanged --------------------------------------------------------
 
+@pytest.mark.slow
 def test_recomputed_units_of_the_reference_run_equal_its_rows(tmp_path):
     folder = RunFolder(REFERENCE)
     if not folder.exists():
