@@ -33,8 +33,8 @@ from xbench.errors import UserError
 from xbench.guard import no_leaked_hooks, time_limit
 from xbench.model import ClassifierHandle, masked_batch_size
 from xbench.plan import DTYPES, NO_LAYER, RunConfig, data_unit_id, unit_id
-from xbench.records import ResultRow, RunFolder, RunHeader
-from xbench.rows import RowFactory, Source, Subject
+from xbench.records import ResultRow, RunFolder, RunHeader, row_kind
+from xbench.rows import CONFIDENCE, RowFactory, Source, Subject
 from xbench.saliency import normalize_maps
 from xbench.timing import Stopwatch
 
@@ -105,9 +105,9 @@ def failure_report(rows: Any, top: int = 3) -> tuple[int, int, list[tuple[int, s
     groups: Counter = Counter()
     first: dict[tuple[str, str, str], str] = {}
     for row in rows:
-        if row.status == "ok":
+        if row_kind(row) != "failure":
             continue
-        if row.explainer == "" and row.metric in ("", "confidence"):
+        if row.explainer == "" and row.metric in ("", CONFIDENCE):  # reading the image failed
             images += 1
         else:
             cells += 1
