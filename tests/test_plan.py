@@ -4,7 +4,6 @@ dry run, and recomputed units of a committed reference run."""
 from __future__ import annotations
 
 import json
-import math
 import re
 from pathlib import Path
 
