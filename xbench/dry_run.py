@@ -90,7 +90,8 @@ def describe(plan: RunPlan, throughput: Throughput | None) -> str:
     selection = plan.selection
     images = len(selection.dataset.items)
     batches = len(selection.batches())
-    lines = [f"dry run of {selection.run_name}: {images} images in {batches} batches of "
+    lines = [f"dry run of {selection.run_name}: {images} images in {batches} "
+             f"batch{'es' if batches != 1 else ''} of "
              f"{selection.config.batch_size}, profile {selection.profile}, model "
              f"{plan.model.name or selection.config.model}, layers {', '.join(plan.layers)}",
              f"units: {plan.units_total} ({batches} data + {batches} x {len(plan.cells)} "
