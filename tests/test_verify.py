@@ -180,3 +180,23 @@ def test_cli_exit_codes(run, monkeypatch, capsys):
     assert main(["verify", str(folder.path), "--sample", "6"]) == 1
     err = capsys.readouterr().err
     assert "batch000000:data [a.png (model) confidence]: predicted" in err
+
+
+def test_options_resolved_otherwise_refuse(run):
+    registry, folder = run
+    header = json.loads(folder.header_path.read_text())
+    header["config"]["plugin_options"]["deletion"]["step"] = 64
+    folder.header_path.write_text(json.dumps(header))
+    with pytest.raises(UserError, match=r"resolves the run's settings differently: "
+                                        r"plugin_options: recorded .*'step': 64"):
+        verify(folder.path, registry, sample=1)
+
+
+def test_unit_names_round_trip():
+    from xbench.recompute import parse_unit
+
+    assert parse_unit("batch000003:data") == (3, None, None)
+    assert parse_unit("batch000012:gradcam:_blocks.3._swish._bn1") == (
+        12, "gradcam", "_blocks.3._swish._bn1")
+    with pytest.raises(UserError, match="expected batchNNNNNN"):
+        parse_unit("gradcam:head")

@@ -62,12 +62,15 @@ def config_differences(runner: Runner, header: RunHeader) -> list[str]:
     value changed in code since the run): 'key: recorded X, now Y'."""
     now = json.loads(json.dumps(runner.resolved_config()))
     ignore = {*HOST_SETTINGS, "engine", "save_maps", "data", "labels", "boxes"}
+    # settings added after a run was recorded: it ran with their defaults
+    defaults = json.loads(json.dumps(dataclasses.asdict(RunConfig())))
     out = []
     for key in sorted(set(now) | set(header.config)):
         if key in ignore:
             continue
-        if header.config.get(key) != now.get(key):
-            out.append(f"{key}: recorded {header.config.get(key)!r}, now {now.get(key)!r}")
+        recorded = header.config.get(key, defaults.get(key))
+        if recorded != now.get(key):
+            out.append(f"{key}: recorded {recorded!r}, now {now.get(key)!r}")
     return out
 
 
