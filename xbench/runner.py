@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from xbench import PROTOCOL_VERSION, __version__
-from xbench.base import Explainer, Metric, MetricBatch
+from xbench.base import ExplainAgain, Explainer, Metric, MetricBatch
 from xbench.boxes import input_boxes
 from xbench.data import Dataset, ImageItem, load_image, open_dataset
 from xbench.engine import ENGINES, auto_engine
@@ -205,9 +205,10 @@ class Runner:
             raise UserError(f"--batch-size must be >= 1, got {config.batch_size}")
         self.explainer_names = registry.select("explainer", config.explainers)
         self.metric_names = select_metrics(registry, config.metrics)
-        if config.metrics == "all":  # model-scope metrics are opt-in: they cost many passes
+        if config.metrics == "all":  # model-scope and opt-in metrics: they cost many passes
             self.metric_names = [name for name in self.metric_names
-                                 if registry.metric(name).kind != "model"]
+                                 if registry.metric(name).kind != "model"
+                                 and not getattr(registry.metric(name), "opt_in", False)]
         self.classes: dict[str, type] = {
             **{name: registry.explainer(name) for name in self.explainer_names},
             **{name: registry.metric(name) for name in self.metric_names},
@@ -702,7 +703,8 @@ class Runner:
             degenerate=degenerate, clean_probs=batch["clean_probs"],
             explain_forward=per_image(counts["forward"]),
             explain_backward=per_image(counts["backward"]),
-            explain_seconds=per_image(watch.seconds), boxes=batch.get("boxes"))
+            explain_seconds=per_image(watch.seconds), boxes=batch.get("boxes"),
+            explain=ExplainAgain(explainer, handle, self._autocast))
         # a timing metric's rows keep the batch's time (their value is its per-image share);
         # other rows stay free of timings, so they are reproducible byte for byte
         timed = {**base, "batch_seconds": watch.seconds, "batch_images": n}
