@@ -96,7 +96,7 @@ def removal_masks(saliency: torch.Tensor, percentages: tuple[float, ...],
 
 
 class _Road(Metric):
-    family = "road"
+    family = "faithfulness"
     unit = "p"
     opt_in = True
     most_relevant_first: bool
