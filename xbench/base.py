@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import torch
@@ -232,6 +233,41 @@ class MetricBatch:
     boxes: list[torch.Tensor] | None = None
     #: per-image curves a metric wants kept: {(metric name, variant): tensor (B, T)}
     curves: dict[tuple[str, str], torch.Tensor] = field(default_factory=dict)
+    #: re-explain with this batch's explainer (None for model-scope metrics):
+    #: ``explain(images, targets, model=None)`` -> (B, H, W) maps upsampled and min-max
+    #: normalised as ``saliency`` is (degenerate maps all zeros), computed on ``model`` (a
+    #: :class:`~xbench.model.ClassifierHandle`; default this batch's). Robustness and sanity
+    #: metrics (perturbed inputs, randomised weights) read it; see :class:`ExplainAgain`.
+    explain: Callable[..., torch.Tensor] | None = None
+
+
+@dataclass(frozen=True)
+class ExplainAgain:
+    """``MetricBatch.explain``: run ``explainer`` once more, as the harness runs it (autograd
+    only when it back-propagates, no hooks left behind, gradients cleared), on other inputs,
+    targets or a modified copy of the model, and normalise its maps as the harness does."""
+
+    explainer: Explainer
+    model: ClassifierHandle
+    autocast: Callable[[], Any] | None = None
+
+    def __call__(self, images: torch.Tensor, targets: torch.Tensor,
+                 model: ClassifierHandle | None = None) -> torch.Tensor:
+        import contextlib
+
+        from xbench.guard import no_leaked_hooks
+        from xbench.saliency import normalize_maps
+
+        handle = self.model if model is None else model
+        grad = torch.enable_grad() if self.explainer.needs_gradients else torch.no_grad()
+        autocast = self.autocast() if self.autocast is not None else contextlib.nullcontext()
+        with no_leaked_hooks(handle, self.explainer.name), grad, autocast:
+            maps = self.explainer.explain(handle, images, targets)
+        handle.zero_grad(set_to_none=True)
+        if not isinstance(maps, torch.Tensor) or maps.dim() != 3 or maps.shape[0] != len(images):
+            raise ValueError(f"explainer {self.explainer.name!r} re-explained {len(images)} "
+                             f"images and returned {getattr(maps, 'shape', type(maps))}")
+        return normalize_maps(maps, (images.shape[-2], images.shape[-1]))[0]
 
 
 class Metric(Configurable, RecordsVariant, ABC):
@@ -256,6 +292,10 @@ class Metric(Configurable, RecordsVariant, ABC):
     #: reads ``MetricBatch.boxes``: left out of ``--metrics all`` on data without boxes, an
     #: error when named; NaN for an image without a box it can use, and that image gets no row
     needs_boxes: ClassVar[bool] = False
+    #: opt-in: left out of ``--metrics all`` (the default), selected by naming the metric or
+    #: its family. For metrics that re-explain (perturbed inputs, randomised weights: N more
+    #: explanations per image), whose cost would multiply the default run's
+    opt_in: ClassVar[bool] = False
     #: the unit shown in tables ("%", "AUC", "passes", "s")
     unit: ClassVar[str] = ""
     summary: ClassVar[str] = ""

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from xbench.base import Explainer, Metric, MetricBatch
+from xbench.base import ExplainAgain, Explainer, Metric, MetricBatch
 from xbench.boxes import input_boxes
 from xbench.data import Dataset, ImageItem, load_image
 from xbench.engine import auto_engine
@@ -359,7 +359,9 @@ class Execution:
             explain_forward=per_image(counts["forward"]),
             explain_backward=per_image(counts["backward"]),
             explain_seconds=per_image(watch.seconds),
-            boxes=None if batch.boxes is None else list(batch.boxes))
+            boxes=None if batch.boxes is None else list(batch.boxes),
+            explain=ExplainAgain(explainer, handle,
+                                 lambda: autocast(self.device, self.config.dtype)))
         # a timing metric's rows keep the batch's time (their value is its per-image share);
         # other rows stay free of timings, so they are reproducible byte for byte
         timing = {"batch_seconds": watch.seconds, "batch_images": n}

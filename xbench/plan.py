@@ -173,9 +173,10 @@ class RunSelection:
         check_config(config)
         self.explainer_names = registry.select("explainer", config.explainers)
         self.metric_names = select_metrics(registry, config.metrics)
-        if config.metrics == "all":  # model-scope metrics are opt-in: they cost many passes
+        if config.metrics == "all":  # model-scope and opt-in metrics: they cost many passes
             self.metric_names = [name for name in self.metric_names
-                                 if registry.metric(name).kind != "model"]
+                                 if registry.metric(name).kind != "model"
+                                 and not getattr(registry.metric(name), "opt_in", False)]
         self.classes: dict[str, type] = {
             **{name: registry.explainer(name) for name in self.explainer_names},
             **{name: registry.metric(name) for name in self.metric_names},

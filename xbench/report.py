@@ -376,8 +376,11 @@ def _input_pixels(image: GalleryImage, header: RunHeader) -> np.ndarray | None:
     return (tensor.permute(1, 2, 0).numpy() * 255.0).round().astype(np.uint8)
 
 
-def overlay(pixels: np.ndarray | None, preview: np.ndarray, size: int = THUMB) -> bytes:
-    """PNG of the ``preview`` heat map (jet) blended over the input (or alone without one)."""
+def overlay(pixels: np.ndarray | None, preview: np.ndarray, size: int = THUMB,
+            boxes: np.ndarray | None = None, input_size: int | None = None) -> bytes:
+    """PNG of the ``preview`` heat map (jet) blended over the input (or alone without one),
+    with the object ``boxes`` ((K, 4+) x0, y0, x1, y1 inclusive input pixels of an
+    ``input_size`` square input) outlined in white."""
     from matplotlib import colormaps
 
     heat = Image.fromarray(preview).resize((size, size), Image.Resampling.BILINEAR)
@@ -386,7 +389,48 @@ def overlay(pixels: np.ndarray | None, preview: np.ndarray, size: int = THUMB) -
         base = np.asarray(Image.fromarray(pixels).resize((size, size), Image.Resampling.LANCZOS),
                           dtype=np.float64) / 255.0
         colored = (1 - OVERLAY_ALPHA) * base + OVERLAY_ALPHA * colored
-    return _png_bytes((colored * 255.0).round().astype(np.uint8))
+    picture = (colored * 255.0).round().astype(np.uint8)
+    if boxes is not None and len(boxes) and input_size:
+        from PIL import ImageDraw
+
+        canvas = Image.fromarray(picture)
+        draw = ImageDraw.Draw(canvas)
+        scale = size / input_size
+        for x0, y0, x1, y1 in np.asarray(boxes)[:, :4].tolist():
+            draw.rectangle((round(x0 * scale), round(y0 * scale),
+                            round((x1 + 1) * scale) - 1, round((y1 + 1) * scale) - 1),
+                           outline=(255, 255, 255), width=1)
+        picture = np.asarray(canvas)
+    return _png_bytes(picture)
+
+
+def gallery_boxes(header: RunHeader, images: list[GalleryImage]) -> dict[str, np.ndarray]:
+    """{image id: (K, 5) boxes in input pixels}, re-derived from the run's boxes file (the
+    header's ``dataset.boxes.source``) through the image's resize and crop (xbench.boxes);
+    empty when the run had no boxes or the file cannot be read now."""
+    from xbench.boxes import input_boxes, read_boxes
+
+    source = ((header.dataset or {}).get("boxes") or {}).get("source")
+    if not source:
+        return {}
+    try:
+        table = read_boxes(Path(source))
+    except Exception:  # noqa: BLE001 - the gallery then shows no boxes
+        return {}
+    model = header.model
+    out = {}
+    for image in images:
+        found = table.get(image.image)
+        if found is None or image.path is None:
+            continue
+        try:
+            with Image.open(image.path) as opened:
+                stored = opened.size
+        except OSError:
+            continue
+        out[image.image] = input_boxes(found, stored, int(model["resize_size"]),
+                                       int(model["input_size"]), image.label).numpy()
+    return out
 
 
 def _png_bytes(array: np.ndarray) -> bytes:
@@ -406,6 +450,7 @@ def _gallery_section(folder: RunFolder, header: RunHeader, frame: pd.DataFrame,
     previews = load_previews(folder, header, pairs, {image.image for image in shown})
     several_layers = len({layer for _, layer in pairs if layer != "-"}) > 1
     scores = _per_image_scores(explained)
+    boxes = gallery_boxes(header, shown)
     lines = []
     for position, image in enumerate(shown):
         pixels = _input_pixels(image, header)
@@ -413,7 +458,8 @@ def _gallery_section(folder: RunFolder, header: RunHeader, frame: pd.DataFrame,
         for explainer, layer in pairs:
             title = _label(explainer, layer, several_layers)
             cells.append(_explainer_figure(image, title, previews.get((image.image, explainer, layer)),
-                                           pixels, scores.get((image.image, explainer, layer), {})))
+                                           pixels, scores.get((image.image, explainer, layer), {}),
+                                           boxes.get(image.image), int(header.model["input_size"])))
         lines.append(f'<div class="gallery-row" data-page="{position // page_size}" '
                      f'data-image="{_e(image.image)}">{"".join(cells)}</div>')
     pages = -(-len(shown) // page_size)
@@ -468,9 +514,11 @@ def _input_figure(image: GalleryImage, pixels: np.ndarray | None, names: _Classe
 
 
 def _explainer_figure(image: GalleryImage, title: str, preview: np.ndarray | None,
-                      pixels: np.ndarray | None, entry: dict[str, Any]) -> str:
+                      pixels: np.ndarray | None, entry: dict[str, Any],
+                      boxes: np.ndarray | None = None, input_size: int | None = None) -> str:
     if preview is not None:
-        picture = _png(overlay(pixels, preview), f"{title} on {image.image}")
+        picture = _png(overlay(pixels, preview, boxes=boxes, input_size=input_size),
+                       f"{title} on {image.image}")
     else:
         picture = _png(_png_bytes(np.full((THUMB, THUMB, 3), 235, np.uint8)),
                        f"{title} on {image.image}: no map")

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from xbench.base import Explainer, LoadedModel, Metric, MetricBatch, Model
+from xbench.base import ExplainAgain, Explainer, LoadedModel, Metric, MetricBatch, Model
 from xbench.engine import auto_engine
 from xbench.model import ClassifierHandle
 from xbench.options import OptionError, OptionSpec, check_value
@@ -64,6 +64,19 @@ def toy_model(seed: int = 0, device: str | torch.device = "cpu") -> ClassifierHa
                          class_names=tuple(f"class{i}" for i in range(TOY_CLASSES)),
                          default_layer="head")
     return ClassifierHandle(loaded, device, name="toy-cnn")
+
+
+class ToyGradient(Explainer):
+    """|d logit_target / d x| summed over channels: the explainer ``check_metric`` hands to
+    metrics that re-explain (``MetricBatch.explain``)."""
+
+    name = "toy-gradient"
+    uses_layer = False
+
+    def explain(self, model, images, targets):
+        x = images.detach().requires_grad_(True)
+        model(x).gather(1, targets[:, None]).sum().backward()
+        return x.grad.abs().sum(dim=1)
 
 
 def toy_images(batch: int = 2, seed: int = 0, size: int = TOY_SIZE) -> torch.Tensor:
@@ -259,6 +272,7 @@ def check_metric(cls: type[Metric], model: ClassifierHandle | None = None,
                                clean_probs=probs[sel].gather(1, targets[sel, None])[:, 0],
                                explain_forward=None, explain_backward=None, explain_seconds=None)
         return MetricBatch(model=model, images=images[sel], targets=targets[sel],
+                           explain=ExplainAgain(ToyGradient(), model),
                            saliency=saliency[sel], degenerate=degenerate[sel],
                            clean_probs=probs[sel].gather(1, targets[sel, None])[:, 0],
                            explain_forward=torch.ones(n, dtype=torch.float64),

@@ -1,0 +1,241 @@
+"""ROAD, faithfulness correlation and infidelity: known answers on analytic toys, the imputation
+against Quantus's spsolve, faithfulness correlation against Quantus on the same subsets, and the
+captum adapter against calling captum.metrics.infidelity directly."""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from xbench.base import LoadedModel, MetricBatch
+from xbench.model import ClassifierHandle
+from xbench.testing import toy_images, toy_model
+from xbench_plugins.faithfulness_correlation import (FaithfulnessCorrelation, correlation_terms,
+                                                     pearson, random_subsets)
+from xbench_plugins.infidelity import Infidelity, forward_of, noise_perturbation
+from xbench_plugins.road import RoadLeRF, RoadMoRF, linear_imputation, removal_masks
+
+
+def batch_of(model, images, saliency, targets=None) -> MetricBatch:
+    probs = model.probabilities(images)
+    targets = probs.argmax(dim=1) if targets is None else targets
+    return MetricBatch(model=model, images=images, targets=targets, saliency=saliency,
+                       degenerate=saliency.flatten(1).amax(dim=1) == 0,
+                       clean_probs=probs.gather(1, targets[:, None])[:, 0],
+                       explain_forward=None, explain_backward=None, explain_seconds=None)
+
+
+class Linear(nn.Module):
+    """logits = (w . x_normalised, 0): class 0's logit is linear in the pixels."""
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(weight)
+
+    def forward(self, x):
+        z = (x * self.weight).flatten(1).sum(dim=1)
+        return torch.stack([z, torch.zeros_like(z)], dim=1)
+
+
+def linear_handle(weight: torch.Tensor) -> ClassifierHandle:
+    size = weight.shape[-1]
+    loaded = LoadedModel(module=Linear(weight).eval(), input_size=size, mean=(0.0, 0.0, 0.0),
+                         std=(1.0, 1.0, 1.0), class_names=("a", "b"), default_layer="")
+    return ClassifierHandle(loaded, "cpu", name="linear")
+
+
+# -- ROAD ----------------------------------------------------------------------------------
+
+def test_removal_masks_count_and_order():
+    saliency = torch.arange(16.0).view(1, 4, 4)
+    morf = removal_masks(saliency, (25.0, 50.0), True)
+    lerf = removal_masks(saliency, (25.0, 50.0), False)
+    assert morf.sum(dim=(1, 2, 3)).tolist() == [4, 8] and lerf.sum(dim=(1, 2, 3)).tolist() == [4, 8]
+    assert morf[0, 0].flatten().nonzero().flatten().tolist() == [12, 13, 14, 15]
+    assert lerf[0, 0].flatten().nonzero().flatten().tolist() == [0, 1, 2, 3]
+
+
+def test_imputation_of_a_constant_image_is_exact_and_road_reads_the_target():
+    """Per-channel constant images: every neighbour mean is the constant, so the imputed image
+    equals the original and (noise 0) every percentage gives the clean probability of the
+    target -- here class 3, not class 0."""
+    model = toy_model()
+    images = torch.tensor([0.2, 0.5, 0.9]).view(1, 3, 1, 1).expand(2, 3, 32, 32).clone()
+    saliency = torch.rand(2, 32, 32, generator=torch.Generator().manual_seed(0))
+    targets = torch.tensor([3, 7])
+    batch = batch_of(model, images, saliency, targets)
+    for metric in (RoadMoRF(noise=0.0), RoadLeRF(noise=0.0)):
+        value = metric.score(batch)[""]
+        torch.testing.assert_close(value, batch.clean_probs, atol=1e-5, rtol=0)
+        assert batch.curves[(metric.name, "")].shape == (2, 9)
+    assert not torch.allclose(batch.clean_probs, model.probabilities(images)[:, 0])
+
+
+def test_road_noise_is_seeded_on_removed_pixels_only():
+    images = toy_images(1, seed=3)
+    removed = torch.zeros(1, 32, 32, dtype=torch.bool)
+    removed[0, 10:20, 5:25] = True
+    filled = linear_imputation(images, removed)
+    assert torch.equal(filled[:, :, ~removed[0]], images[:, :, ~removed[0]])
+    model = toy_model()
+    saliency = torch.rand(1, 32, 32, generator=torch.Generator().manual_seed(1))
+    a = RoadMoRF(seed=1).score(batch_of(model, images, saliency))[""]
+    b = RoadMoRF(seed=1).score(batch_of(model, images, saliency))[""]
+    c = RoadMoRF(seed=2).score(batch_of(model, images, saliency))[""]
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+quantus = pytest.importorskip("quantus")
+
+
+def test_imputation_matches_quantus_spsolve():
+    """Quantus's noisy_linear_imputation (scipy spsolve, noise 0) on the same pixels."""
+    from quantus.functions.perturb_func import noisy_linear_imputation
+
+    generator = torch.Generator().manual_seed(4)
+    images = torch.rand(2, 3, 24, 24, generator=generator)
+    saliency = torch.rand(2, 24, 24, generator=generator)
+    saliency[1] = torch.linspace(0, 1, 24 * 24).view(24, 24)  # one big connected region
+    for percent in (10.0, 60.0, 90.0):
+        removed = removal_masks(saliency, (percent,), True)[0]
+        ours = linear_imputation(images, removed)
+        for i in range(2):
+            indices = removed[i].flatten().nonzero().flatten().numpy()
+            theirs = noisy_linear_imputation(images[i].double().numpy(), indices, noise=0.0)
+            np.testing.assert_allclose(ours[i].double().numpy(), theirs, atol=1e-6)
+
+
+# -- faithfulness correlation --------------------------------------------------------------
+
+def test_pearson_known_values_and_constant_rule():
+    a = torch.tensor([[1.0, 2.0, 3.0], [1.0, 1.0, 1.0]])
+    b = torch.tensor([[2.0, 4.0, 7.0], [0.0, 1.0, 2.0]])
+    expected = np.corrcoef([1, 2, 3], [2, 4, 7])[0, 1]
+    assert pearson(a, b).tolist() == pytest.approx([expected, 0.0])
+
+
+def test_degenerate_map_scores_zero_and_subsets_are_distinct():
+    model = toy_model()
+    images = toy_images(2, seed=5)
+    batch = batch_of(model, images, torch.zeros(2, 32, 32))
+    assert FaithfulnessCorrelation(runs=5, subset_size=50).score(batch)[""].tolist() == [0, 0]
+    subsets = random_subsets(5, 32 * 32, 50, 0)
+    assert all(len(set(row.tolist())) == 50 for row in subsets)
+    assert torch.equal(subsets, random_subsets(5, 32 * 32, 50, 0))
+
+
+def test_faithful_map_of_a_logit_linear_model_correlates_nearly_perfectly():
+    """Class 0's logit is w . x with x = 1 and small w, so a subset's probability drop is
+    close to linear in sum_S w; the map w (per pixel) correlates > 0.99, a reversed map < 0."""
+    generator = torch.Generator().manual_seed(6)
+    weight = torch.rand(1, 1, 16, 16, generator=generator).expand(1, 3, 16, 16) * 0.01
+    model = linear_handle(weight.clone())
+    images = torch.ones(1, 3, 16, 16)
+    map_ = weight[:, 0] / weight.max()
+    good = FaithfulnessCorrelation(runs=30, subset_size=20).score(
+        batch_of(model, images, map_, torch.tensor([0])))[""]
+    bad = FaithfulnessCorrelation(runs=30, subset_size=20).score(
+        batch_of(model, images, 1 - map_, torch.tensor([0])))[""]
+    assert good.item() > 0.99 and bad.item() < 0
+
+
+def test_faithfulness_correlation_agrees_with_quantus_on_the_same_subsets():
+    """Quantus draws each run's subset among the channel entries of the map broadcast to the
+    image (3 H W entries, np.random.choice) and blacks out those entries only: a deliberate
+    difference, we draw pixels and black out all three channels. With numpy seeded, its draws
+    replayed as pixels (entry mod H W) and a perturb_func blacking out whole pixels, both
+    compute the same correlation (a pixel drawn in two channels counts twice in both)."""
+    model = toy_model()
+    images = toy_images(1, seed=7)
+    saliency = torch.rand(1, 32, 32, generator=torch.Generator().manual_seed(8))
+    batch = batch_of(model, images, saliency)
+    runs, size = 12, 40
+    np.random.seed(0)
+    subsets = torch.as_tensor(np.stack([np.random.choice(3 * 32 * 32, size, replace=False)
+                                        for _ in range(runs)]) % (32 * 32))
+
+    def black_pixels(arr, indices, **kwargs):
+        out = arr.reshape(arr.shape[0], 3, -1).copy()
+        for row, index in enumerate(indices):
+            out[row, :, np.asarray(index) % (32 * 32)] = 0.0
+        return out.reshape(arr.shape)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        np.random.seed(0)
+        theirs = quantus.FaithfulnessCorrelation(
+            nr_runs=runs, subset_size=size, perturb_func=black_pixels, abs=False,
+            normalise=False, return_aggregate=False, disable_warnings=True)(
+            model=model.eval(), x_batch=images.numpy(), y_batch=batch.targets.numpy(),
+            a_batch=saliency[:, None].numpy(), device="cpu", softmax=True)
+    sums, drops = correlation_terms(batch, subsets)
+    np.testing.assert_allclose(pearson(sums, drops).numpy(), np.asarray(theirs), atol=1e-5)
+
+
+# -- infidelity ----------------------------------------------------------------------------
+
+def test_infidelity_adapter_equals_calling_captum_directly():
+    from captum.metrics import infidelity
+
+    model = toy_model()
+    images = toy_images(3, seed=9)
+    saliency = torch.rand(3, 32, 32, generator=torch.Generator().manual_seed(10))
+    batch = batch_of(model, images, saliency)
+    ours = Infidelity(samples=6, noise_std=0.05, seed=3).score(batch)[""]
+    noise = torch.randn((6, 3, 32, 32), generator=torch.Generator().manual_seed(3)) * 0.05
+
+    def perturb(inputs):  # written out: captum repeats each image 6 times in a row
+        tiled = noise.repeat(3, 1, 1, 1)
+        return tiled, inputs - tiled
+
+    direct = infidelity(lambda x: model.predict(x).float().softmax(dim=1), perturb, images,
+                        saliency[:, None].expand_as(images), target=batch.targets,
+                        n_perturb_samples=6, normalize=True)
+    torch.testing.assert_close(ours, direct.float())
+    # captum in chunks (max_examples_per_batch): the replayed noise keeps its order
+    chunked = infidelity(forward_of(model, "probability"), noise_perturbation(noise, 3), images,
+                         saliency[:, None].expand_as(images), target=batch.targets,
+                         n_perturb_samples=6, max_examples_per_batch=6, normalize=True)
+    torch.testing.assert_close(chunked.float(), direct.float(), rtol=1e-5, atol=1e-9)
+
+
+def test_infidelity_is_zero_for_the_exact_map_of_a_linear_logit():
+    """f = w . x (class 0's logit), Phi = w / max w (w >= 0 with min 0, so the harness's
+    min-max map is exactly w up to scale): I . Phi = beta (f(x) - f(x - I)) for every I."""
+    generator = torch.Generator().manual_seed(11)
+    plane = torch.rand(1, 1, 16, 16, generator=generator)
+    plane = plane - plane.min()
+    model = linear_handle(plane.expand(1, 3, 16, 16).clone())
+    images = torch.rand(2, 3, 16, 16, generator=generator)
+    map_ = (plane[:, 0] / plane.max()).expand(2, 16, 16)
+    exact = Infidelity(output="logit", samples=8).score(
+        batch_of(model, images, map_, torch.tensor([0, 0])))[""]
+    assert exact.abs().max().item() < 1e-6
+    wrong = Infidelity(output="logit", samples=8).score(
+        batch_of(model, images, 1 - map_, torch.tensor([0, 0])))[""]
+    assert (wrong > 1e-3).all()
+
+
+def test_quantus_infidelity_is_a_different_perturbation_but_also_zero_when_exact():
+    """Quantus's Infidelity replaces square patches by a baseline instead of adding Gaussian
+    noise (another perturbation distribution, so other numbers), but an exact map of a linear
+    logit scores 0 there too."""
+    generator = torch.Generator().manual_seed(12)
+    plane = torch.rand(1, 1, 16, 16, generator=generator)
+    plane = plane - plane.min()
+    model = linear_handle(plane.expand(1, 3, 16, 16).clone())
+    images = torch.rand(2, 3, 16, 16, generator=generator)
+    map_ = (plane[:, 0] / plane.max()).expand(2, 16, 16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = quantus.Infidelity(perturb_patch_sizes=[4], n_perturb_samples=4, abs=False,
+                                    normalise=False, disable_warnings=True)(
+            model=model.eval(), x_batch=images.numpy(), y_batch=np.zeros(2, dtype=int),
+            a_batch=(map_ * plane.max())[:, None].expand(2, 3, 16, 16).numpy().copy(),
+            device="cpu")
+    assert np.abs(np.asarray(theirs)).max() < 1e-6
