@@ -150,8 +150,8 @@ def matrix(frame: pd.DataFrame, seed: int = 0,
             "layer_order": int(layer_seen[layers[first]]),
         })
     result = pd.DataFrame(out, columns=MATRIX_COLUMNS)
-    result["best"] = False
-    result["tied_with_best"] = False
+    best = np.zeros(len(result), dtype=bool)
+    tied = np.zeros(len(result), dtype=bool)
     by_image = {}  # cell -> (image codes sorted, values in that order)
 
     def per_image(index: int) -> tuple[np.ndarray, np.ndarray]:
@@ -167,7 +167,7 @@ def matrix(frame: pd.DataFrame, seed: int = 0,
             continue  # an explainer's diagnostic (e.g. skipped channels): nothing is better
         lower = group.direction.iloc[0] == "lower"
         best_index = group["mean"].idxmin() if lower else group["mean"].idxmax()
-        result.loc[best_index, "best"] = True
+        best[best_index] = True
         best_images, best_values = per_image(best_index)
         for index in group.index:
             if index == best_index:
@@ -178,7 +178,9 @@ def matrix(frame: pd.DataFrame, seed: int = 0,
                 pairs.append(index)
                 differences.append(line_values[at_line] - best_values[at_best])
     for index, (low, high) in zip(pairs, bootstrap_cis(differences, seed=seed)):
-        result.loc[index, "tied_with_best"] = not excludes_zero(low, high)
+        tied[index] = not excludes_zero(low, high)
+    result["best"] = best
+    result["tied_with_best"] = tied
     return result
 
 
@@ -252,16 +254,25 @@ def wide_table(matrix_frame: pd.DataFrame, markdown: bool = True,
     head = ["explainer"] + (["layer"] if show_layer else [])
     directions = matrix_frame.drop_duplicates("column").set_index("column").direction
     head += [f"{c} {ARROWS.get(directions[c], '')}".strip() for c in columns]
+    cells = {(line["explainer"], line["layer"], line["column"]): _Line(line)
+             for line in matrix_frame.to_dict("records")}
     body = []
     for explainer, layer in explainer_layers(matrix_frame):
-        group = matrix_frame[(matrix_frame.explainer == explainer) & (matrix_frame.layer == layer)]
-        cells = group.set_index("column")
-        if not every and not any(c in cells.index for c in columns):
+        present = [(explainer, layer, c) in cells for c in columns]
+        if not every and not any(present):
             continue
         line = [explainer] + ([layer] if show_layer else [])
-        line += [cell_text(cells.loc[c], markdown) if c in cells.index else "" for c in columns]
+        line += [cell_text(cells[(explainer, layer, c)], markdown) if here else ""
+                 for c, here in zip(columns, present)]
         body.append(line)
     return head, body
+
+
+class _Line(dict):
+    """A matrix line read like the pandas Series :func:`cell_text` takes (``line.mean`` and
+    ``line["mean"]``), without a Series' cost per cell."""
+
+    __getattr__ = dict.__getitem__
 
 
 def _markdown_table(head: list[str], body: list[list[str]]) -> str:
