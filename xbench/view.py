@@ -90,11 +90,15 @@ class _NotFast(Exception):
 
 @dataclass
 class RunView:
-    """The records of one run as columns: ``scalars`` (no curves) and, lazily, the curves."""
+    """The records of one run as columns: the scalar rows (no curves) and, apart, the curves.
+
+    Backed by the Parquet cache (columns are read as asked for) or, for a run read without
+    one, by tables in memory."""
 
     folder: RunFolder
-    scalars: pa.Table
+    _scalars: pa.Table | None = field(default=None, repr=False)
     _curves: pa.Table | None = field(default=None, repr=False)
+    _scalars_path: Path | None = field(default=None, repr=False)
     _curves_path: Path | None = field(default=None, repr=False)
     _header: RunHeader | None = field(default=None, repr=False)
 
@@ -104,15 +108,29 @@ class RunView:
             self._header = self.folder.header()
         return self._header
 
+    @property
+    def scalars(self) -> pa.Table:
+        """Every scalar column of every row (strings dictionary-encoded)."""
+        return self._table()
+
+    def _table(self, columns: Sequence[str] | None = None) -> pa.Table:
+        if self._scalars is not None:
+            return self._scalars if columns is None else self._scalars.select(list(columns))
+        assert self._scalars_path is not None
+        return pq.read_table(self._scalars_path, columns=None if columns is None else list(columns),
+                             read_dictionary=_string_columns(self._scalars_path))
+
     def __len__(self) -> int:
-        return self.scalars.num_rows
+        if self._scalars is not None:
+            return self._scalars.num_rows
+        return pq.read_metadata(self._scalars_path).num_rows
 
     def frame(self, columns: Sequence[str] | None = None, categorical: bool = False) -> pd.DataFrame:
         """A pandas frame of the scalar rows (all columns when ``columns`` is None).
 
         ``categorical``: strings as pandas Categoricals with sorted categories (small and
         fast for millions of rows); otherwise plain strings, as :func:`records_frame` gives."""
-        table = self.scalars if columns is None else self.scalars.select(list(columns))
+        table = self._table(columns)
         if not categorical:
             table = _decode(table)
         frame = table.to_pandas()
@@ -126,30 +144,27 @@ class RunView:
         """``row`` (position in :attr:`scalars`) and ``curve`` of the rows that carry one."""
         if self._curves is None:
             if self._curves_path is not None:
-                self._curves = pq.read_table(self._curves_path)
-            else:
-                self._curves = _empty_curves()
+                return pq.read_table(self._curves_path)
+            self._curves = _empty_curves()
         return self._curves
 
     def result_rows(self, metrics: Iterable[str] | None = None,
                     with_curves: bool = True) -> Iterator[ResultRow]:
         """ResultRow objects of the rows of ``metrics`` (all when None), in file order, with
         their curves: for code written against rows (curves and layer plots)."""
-        table = self.scalars.select(_SCALAR_NAMES)
+        table = self._table(_SCALAR_NAMES)
         positions = np.arange(table.num_rows)
         if metrics is not None:
-            mask = pc.is_in(pc.cast(self.scalars["metric"], pa.string()),
+            mask = pc.is_in(pc.cast(table["metric"], pa.string()),
                             value_set=pa.array(sorted(set(metrics)), pa.string()))
             mask = mask.to_numpy(zero_copy_only=False)
             table = table.filter(pa.array(mask))
             positions = positions[mask]
-        curves: dict[int, tuple[float, ...]] = {}
+        curves: dict[int, list[float]] = {}
         if with_curves and "curve" in _FIELD_NAMES:
             stored = self.curves()
-            wanted = np.isin(stored["row"].to_numpy(), positions)
-            picked = stored.filter(pa.array(wanted))
-            curves = dict(zip(picked["row"].to_pylist(),
-                              picked["curve"].to_pylist()))
+            picked = stored.filter(pa.array(np.isin(stored["row"].to_numpy(), positions)))
+            curves = dict(zip(picked["row"].to_pylist(), picked["curve"].to_pylist()))
         for position, data in zip(positions.tolist(), _decode(table).to_pylist()):
             if "curve" in _FIELD_NAMES:
                 data["curve"] = curves.get(position)
@@ -174,11 +189,11 @@ def load(folder: RunFolder | Path | str, cache: bool = True) -> RunView:
     if cache and remembered is not None and remembered[0] == key:
         return remembered[1]
     view = _read_cached(folder, key) if cache else None
+    if view is None and cache and key["limit"]:
+        view = _build_cache(folder, key)
     if view is None:
         scalars, curves = read_records(folder)
-        view = RunView(folder, scalars, _curves=curves)
-        if cache:
-            _write_cache(folder, key, scalars, curves)
+        view = RunView(folder, scalars, curves)
     if cache:
         _memo.clear()  # one run at a time: a full-val view is large
         _memo[where] = (key, view)
@@ -207,39 +222,41 @@ def cache_key(folder: RunFolder) -> dict[str, Any]:
 def read_records(folder: RunFolder) -> tuple[pa.Table, pa.Table]:
     """(scalars, curves) of the finished rows of ``folder``, read from ``rows.jsonl``."""
     limit = max(folder.finished_units().values(), default=0)
-    schema = _schema()
     if limit == 0 or not folder.rows_path.exists():
         return _empty_scalars(), _empty_curves()
-    if schema is not None:
+    if _schema() is not None:
+        scalars: list[pa.RecordBatch] = []
+        curves: list[pa.RecordBatch] = []
         try:
-            return _read_fast(folder.rows_path, limit, schema)
+            _read_fast(folder.rows_path, limit, scalars.append, curves.append)
+            return _concat(scalars, _empty_scalars()), _concat(curves, _empty_curves())
         except (_NotFast, pa.ArrowException, ValueError):
             pass
     return _from_rows(list(folder.rows()))
 
 
-def _read_fast(path: Path, limit: int, schema: pa.Schema) -> tuple[pa.Table, pa.Table]:
+def _read_fast(path: Path, limit: int, scalar_sink, curve_sink) -> None:
+    """Stream the first ``limit`` bytes of ``path`` through pyarrow's JSON reader, handing
+    each block's scalar and curve batches to the sinks (nothing is kept here)."""
     source = pa.memory_map(str(path), "r")
     try:
-        data = source.read_buffer(limit)
         reader = pj.open_json(
-            pa.BufferReader(data),
+            pa.BufferReader(source.read_buffer(limit)),
             read_options=pj.ReadOptions(block_size=8 << 20),
-            parse_options=pj.ParseOptions(explicit_schema=schema,
+            parse_options=pj.ParseOptions(explicit_schema=_schema(),
                                           unexpected_field_behavior="error"))
-        scalars, curves, offset = [], [], 0
+        offset = 0
         for batch in reader:
             for name in _REQUIRED_NON_NULL:
                 if batch.column(name).null_count:
                     raise _NotFast(name)
-            scalars.append(_scalar_batch(batch))
+            scalar_sink(_scalar_batch(batch))
             if "curve" in _FIELD_NAMES:
-                curves.append(_curve_batch(batch.column("curve"), offset))
+                curve_sink(_curve_batch(batch.column("curve"), offset))
             offset += batch.num_rows
         reader.close()
     finally:
         source.close()
-    return _concat(scalars, _empty_scalars()), _concat(curves, _empty_curves())
 
 
 def _from_rows(rows: list[ResultRow]) -> tuple[pa.Table, pa.Table]:
@@ -252,8 +269,8 @@ def _from_rows(rows: list[ResultRow]) -> tuple[pa.Table, pa.Table]:
         batch = pa.RecordBatch.from_pylist([{k: v for k, v in d.items() if k != "curve"}
                                             for d in data])
     scalars = _scalar_batch(batch)
-    curves = (_curve_batch(batch.column("curve"), 0) if "curve" in batch.schema.names
-              else _empty_curves())
+    curves = (pa.Table.from_batches([_curve_batch(batch.column("curve"), 0)])
+              if "curve" in batch.schema.names else _empty_curves())
     return pa.Table.from_batches([scalars]), curves
 
 
@@ -325,39 +342,71 @@ def _read_cached(folder: RunFolder, key: dict[str, Any]) -> RunView | None:
     where = folder.path / VIEW_FOLDER
     try:
         stored = json.loads((where / KEY_FILE).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        if stored != key:
+            return None
+        pq.read_metadata(where / SCALARS_FILE)
+        pq.read_metadata(where / CURVES_FILE)
+    except (OSError, ValueError, pa.ArrowException):
         return None
-    if stored != key:
-        return None
-    try:
-        scalars = pq.read_table(where / SCALARS_FILE, read_dictionary=_string_columns(where))
-    except (OSError, pa.ArrowException):
-        return None
-    return RunView(folder, scalars, _curves_path=where / CURVES_FILE)
+    return RunView(folder, _scalars_path=where / SCALARS_FILE, _curves_path=where / CURVES_FILE)
 
 
-def _string_columns(where: Path) -> list[str]:
-    schema = pq.read_schema(where / SCALARS_FILE)
+def _string_columns(path: Path) -> list[str]:
+    schema = pq.read_schema(path)
     return [f.name for f in schema if pa.types.is_dictionary(f.type) or pa.types.is_string(f.type)]
 
 
-def _write_cache(folder: RunFolder, key: dict[str, Any], scalars: pa.Table,
-                 curves: pa.Table) -> None:
-    if key["limit"] == 0:
-        return
+class _Sink:
+    """Batches written to one Parquet file as they come (the writer opens on the first)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.writer: pq.ParquetWriter | None = None
+
+    def __call__(self, batch: pa.RecordBatch) -> None:
+        if self.writer is None:
+            self.writer = pq.ParquetWriter(self.path, batch.schema, compression="zstd")
+        self.writer.write_batch(batch)
+
+    def close(self, empty: pa.Table) -> None:
+        if self.writer is None:
+            pq.write_table(empty, self.path, compression="zstd")
+        else:
+            self.writer.close()
+
+
+def _build_cache(folder: RunFolder, key: dict[str, Any]) -> RunView | None:
+    """Read the records straight into ``RUN/.view/`` (memory bounded by one block), or
+    None when the folder cannot be written or the fast reader cannot read them."""
     where = folder.path / VIEW_FOLDER
     try:
         where.mkdir(exist_ok=True)
         (where / KEY_FILE).unlink(missing_ok=True)  # invalid while the tables are replaced
-        for name, table in ((SCALARS_FILE, scalars), (CURVES_FILE, curves)):
-            tmp = where / (name + ".tmp")
-            pq.write_table(table, tmp, compression="zstd")
-            os.replace(tmp, where / name)
+        scalars = _Sink(where / (SCALARS_FILE + ".tmp"))
+        curves = _Sink(where / (CURVES_FILE + ".tmp"))
+    except OSError:
+        return None  # a read-only results folder: the view works, it is just not kept
+    try:
+        if _schema() is None:
+            raise _NotFast("schema")
+        _read_fast(folder.rows_path, key["limit"], scalars, curves)
+        scalars.close(_empty_scalars())
+        curves.close(_empty_curves())
+    except (_NotFast, pa.ArrowException, ValueError, OSError):
+        for sink in (scalars, curves):
+            if sink.writer is not None:
+                sink.writer.close()
+            sink.path.unlink(missing_ok=True)
+        return None
+    try:
+        os.replace(scalars.path, where / SCALARS_FILE)
+        os.replace(curves.path, where / CURVES_FILE)
         tmp = where / (KEY_FILE + ".tmp")
         tmp.write_text(json.dumps(key, sort_keys=True), encoding="utf-8")
         os.replace(tmp, where / KEY_FILE)
     except OSError:
-        pass  # a read-only results folder: the view works, it is just not kept
+        return None
+    return RunView(folder, _scalars_path=where / SCALARS_FILE, _curves_path=where / CURVES_FILE)
 
 
 # -- frames of rows and metric families -----------------------------------------------------
