@@ -15,7 +15,8 @@ import pandas as pd
 from xbench import view
 from xbench.errors import UserError
 from xbench.records import ResultRow, RunFolder, RunHeader, find_runs
-from xbench.stats import bootstrap_cis, excludes_zero
+from xbench.stats import (EXACT_MAX_IMAGES, bootstrap_cis, excludes_zero, percentile_interval,
+                          resampled_means)
 from xbench.view import OTHER_FAMILY, family_rank, metric_families
 
 LEADERBOARD_MD = "LEADERBOARD.md"
@@ -131,7 +132,8 @@ def matrix(frame: pd.DataFrame, seed: int = 0,
         cells.append(members)
         firsts.append(members[0])
     cell_values = [values[members] for members in cells]
-    intervals = bootstrap_cis(cell_values, seed=seed)
+    cell_means = resampled_means(cell_values, seed=seed)
+    intervals = [percentile_interval(means) for means in cell_means]
     if families is None:
         kinds = {metrics[i]: ("diagnostic" if directions[i] == "" else "score") for i in firsts}
         families = metric_families(kinds, kinds=kinds)
@@ -161,6 +163,9 @@ def matrix(frame: pd.DataFrame, seed: int = 0,
             by_image[index] = images[members][sort], values[members][sort]
         return by_image[index]
 
+    def in_image_order(index: int) -> bool:
+        return bool(np.all(np.diff(images[cells[index]]) > 0))
+
     pairs, differences = [], []
     for _, group in result.groupby("column", sort=True):
         if group.direction.iloc[0] not in ARROWS:
@@ -174,7 +179,13 @@ def matrix(frame: pd.DataFrame, seed: int = 0,
                 continue
             line_images, line_values = per_image(index)
             _, at_best, at_line = np.intersect1d(best_images, line_images, return_indices=True)
-            if len(at_best) >= 2:
+            if (len(at_best) > EXACT_MAX_IMAGES and len(at_best) == len(best_images)
+                    == len(line_images) and in_image_order(index) and in_image_order(best_index)):
+                # the same images in the same positions: the resampled mean differences are
+                # the differences of the cells' resampled means (the same draws; linearity)
+                low, high = percentile_interval(cell_means[index] - cell_means[best_index])
+                tied[index] = not excludes_zero(low, high)
+            elif len(at_best) >= 2:
                 pairs.append(index)
                 differences.append(line_values[at_line] - best_values[at_best])
     for index, (low, high) in zip(pairs, bootstrap_cis(differences, seed=seed)):

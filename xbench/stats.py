@@ -42,28 +42,45 @@ def bootstrap_cis(vectors: Sequence[np.ndarray], seed: int = 0,
     """:func:`bootstrap_ci` of every vector, sharing the draws of vectors of equal length.
 
     Identical to calling :func:`bootstrap_ci` on each vector alone (same seed, same draws)."""
+    return [percentile_interval(means, confidence)
+            for means in resampled_means(vectors, seed=seed, resamples=resamples)]
+
+
+def percentile_interval(means: np.ndarray | None,
+                        confidence: float = CONFIDENCE) -> tuple[float, float]:
+    """The percentile interval of resampled means; ``means`` None is an empty sample (NaN,
+    NaN) and a 0-d array a single value (the interval is that value)."""
+    if means is None:
+        return float("nan"), float("nan")
+    if means.ndim == 0:
+        return float(means), float(means)
+    tail = (1.0 - confidence) / 2.0
+    low, high = np.quantile(means, [tail, 1.0 - tail])
+    return float(low), float(high)
+
+
+def resampled_means(vectors: Sequence[np.ndarray], seed: int = 0,
+                    resamples: int = BOOTSTRAP_RESAMPLES) -> list[np.ndarray | None]:
+    """The (resamples,) bootstrap means of each vector under the seeded draws (module
+    docstring); None for an empty vector, the 0-d value for a single one."""
     vectors = [np.asarray(v, dtype=np.float64).ravel() for v in vectors]
-    out: list[tuple[float, float]] = [(float("nan"), float("nan"))] * len(vectors)
+    out: list[np.ndarray | None] = [None] * len(vectors)
     by_size: dict[int, list[int]] = defaultdict(list)
     for position, values in enumerate(vectors):
         if values.size == 1:
-            out[position] = (float(values[0]), float(values[0]))
+            out[position] = np.asarray(values[0])
         elif values.size > 1:
             by_size[values.size].append(position)
-    tail = (1.0 - confidence) / 2.0
     for size, positions in by_size.items():
         if size <= EXACT_MAX_IMAGES:
             draws = np.random.default_rng(seed).integers(0, size, size=(resamples, size))
             for position in positions:
-                means = vectors[position][draws].mean(axis=1)
-                low, high = np.quantile(means, [tail, 1.0 - tail])
-                out[position] = (float(low), float(high))
+                out[position] = vectors[position][draws].mean(axis=1)
         else:
             stacked = np.stack([vectors[p] for p in positions], axis=1)  # (n, vectors)
             means = _resampled_means(stacked, seed, resamples)  # (resamples, vectors)
-            bounds = np.quantile(means, [tail, 1.0 - tail], axis=0)
             for column, position in enumerate(positions):
-                out[position] = (float(bounds[0, column]), float(bounds[1, column]))
+                out[position] = means[:, column]
     return out
 
 
