@@ -107,16 +107,15 @@ def matrix(frame: pd.DataFrame, seed: int = 0,
     the same numbers as cell by cell, at a cost that does not grow with the rows' Python
     objects.
     """
-    scored = frame[(frame.explainer != "") & (frame.status == "ok") & frame.value.notna()]
+    keep = (frame.explainer != "") & (frame.status == "ok") & frame.value.notna()
+    scored = frame[["explainer", "layer", "column", "image", "value", "degenerate", "metric",
+                    "variant", "direction"]][keep]
     explainers, explainer_names = _sorted_codes(scored.explainer)
     layers, layer_names = _sorted_codes(scored.layer)
     columns, column_names = _sorted_codes(scored.column)
     images, _ = _sorted_codes(scored.image)
     values = scored.value.to_numpy(dtype=np.float64)
     degenerate = scored.degenerate.to_numpy(dtype=bool)
-    metrics = np.asarray(scored.metric, dtype=object)
-    variants = np.asarray(scored.variant, dtype=object)
-    directions = np.asarray(scored.direction, dtype=object)
     # columns keep the order the metrics produced them in (retention 100%, 50%, 15%, ...)
     column_seen = _first_seen(columns, len(column_names))
     # layers keep the runner's order (forward order), not the alphabet (_blocks.10 < _blocks.2)
@@ -131,6 +130,11 @@ def matrix(frame: pd.DataFrame, seed: int = 0,
         members = order[bounds[index]:bounds[index + 1]]
         cells.append(members)
         firsts.append(members[0])
+    # the strings of each cell's first row only (not millions of Python objects)
+    picked = scored.iloc[np.asarray(firsts, dtype=np.int64)]
+    metrics = dict(zip(firsts, np.asarray(picked.metric, dtype=object)))
+    variants = dict(zip(firsts, np.asarray(picked.variant, dtype=object)))
+    directions = dict(zip(firsts, np.asarray(picked.direction, dtype=object)))
     cell_values = [values[members] for members in cells]
     cell_means = resampled_means(cell_values, seed=seed)
     intervals = [percentile_interval(means) for means in cell_means]

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import io
 import json
 import os
 from collections.abc import Iterable, Iterator, Sequence
@@ -238,10 +239,9 @@ def read_records(folder: RunFolder) -> tuple[pa.Table, pa.Table]:
 def _read_fast(path: Path, limit: int, scalar_sink, curve_sink) -> None:
     """Stream the first ``limit`` bytes of ``path`` through pyarrow's JSON reader, handing
     each block's scalar and curve batches to the sinks (nothing is kept here)."""
-    source = pa.memory_map(str(path), "r")
-    try:
+    with path.open("rb") as handle:
         reader = pj.open_json(
-            pa.BufferReader(source.read_buffer(limit)),
+            pa.PythonFile(_Prefix(handle, limit), mode="r"),
             read_options=pj.ReadOptions(block_size=8 << 20),
             parse_options=pj.ParseOptions(explicit_schema=_schema(),
                                           unexpected_field_behavior="error"))
@@ -255,8 +255,25 @@ def _read_fast(path: Path, limit: int, scalar_sink, curve_sink) -> None:
                 curve_sink(_curve_batch(batch.column("curve"), offset))
             offset += batch.num_rows
         reader.close()
-    finally:
-        source.close()
+
+
+class _Prefix(io.RawIOBase):
+    """The first ``limit`` bytes of an open file, read in plain reads (a memory map would
+    count the whole file in the process's resident memory)."""
+
+    def __init__(self, handle, limit: int) -> None:
+        self.handle, self.left = handle, limit
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        size = min(len(buffer), self.left)
+        if size <= 0:
+            return 0
+        count = self.handle.readinto(memoryview(buffer)[:size])
+        self.left -= count
+        return count
 
 
 def _from_rows(rows: list[ResultRow]) -> tuple[pa.Table, pa.Table]:
