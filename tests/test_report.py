@@ -117,6 +117,12 @@ def test_matrix_cells_hold_the_recorded_means(tiny_run, tiny_page):
         for column, value in zip(columns, values, strict=True):
             key = "median" if column == "time" else "mean"
             assert value == pytest.approx(expected.loc[column, key], rel=1e-12)
+    # columns grouped by metric family under a header row of family names (spans add up)
+    families = re.findall(r'<th class="family" colspan="(\d+)">([^<]*)</th>', body)[1:]
+    assert [name for _, name in families] == ["faithfulness", "cost"]
+    assert sum(int(span) for span, _ in families) == len(columns)
+    assert list(table.drop_duplicates("column").set_index("column").loc[columns].family) == (
+        ["faithfulness"] * int(families[0][0]) + ["cost"] * int(families[1][0]))
     # Grad-CAM costs 1 forward + 1 backward per image (docs/protocol.md "Cost")
     gradcam = table[(table.explainer == "gradcam") & (table.column == "forward-passes")]
     assert float(gradcam["mean"].iloc[0]) == 1.0

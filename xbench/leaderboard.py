@@ -7,33 +7,40 @@ byte for byte against the committed records (``xbench leaderboard --check``).
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from xbench import gates
+from xbench import gates, view
 from xbench.errors import UserError
 from xbench.records import ResultRow, RunFolder, RunHeader, find_runs
-from xbench.stats import bootstrap_ci, significantly_different
+from xbench.stats import (EXACT_MAX_IMAGES, bootstrap_cis, excludes_zero, percentile_interval,
+                          resampled_means)
+from xbench.view import OTHER_FAMILY, family_rank, metric_families
 
 LEADERBOARD_MD = "LEADERBOARD.md"
 LEADERBOARD_CSV = "leaderboard.csv"
 ARROWS = {"lower": "↓", "higher": "↑"}
 
 
+#: the columns of a run's rows the leaderboard reads (the view reads no others)
+LEADERBOARD_COLUMNS = ("image", "label", "predicted", "explainer", "layer", "metric", "variant",
+                       "direction", "value", "status", "degenerate", "error", "column", "kind")
+MATRIX_COLUMNS = ["explainer", "layer", "column", "family", "metric", "variant", "direction",
+                  "mean", "ci_low", "ci_high", "median", "q1", "q3", "images", "degenerate",
+                  "order", "layer_order"]
+
+
 def rows_frame(rows: list[ResultRow]) -> pd.DataFrame:
-    """One line per ResultRow (curves left out), with the matrix column name added."""
-    fields = [f.name for f in dataclasses.fields(ResultRow) if f.name != "curve"]
-    frame = pd.DataFrame([{name: getattr(r, name) for name in fields} for r in rows],
-                         columns=fields)
-    frame["column"] = [r.column for r in rows]
-    return frame
+    """One line per ResultRow (curves left out), with the matrix column name and the row's
+    kind (:func:`xbench.records.row_kind`) added."""
+    return view.records_frame(rows)
 
 
 def run_frame(folder: RunFolder) -> pd.DataFrame:
-    return rows_frame(list(folder.rows()))
+    """:func:`rows_frame` of a run's finished rows, through its shared view (xbench/view.py)."""
+    return view.load(folder).frame()
 
 
 def top1_accuracy(frame: pd.DataFrame) -> tuple[float, int]:
@@ -51,13 +58,15 @@ def model_scores(frame: pd.DataFrame, seed: int = 0) -> pd.DataFrame:
     bootstrap interval over images."""
     scored = frame[(frame.explainer == "") & (frame.metric != "confidence")
                    & (frame.status == "ok") & frame.value.notna()]
-    out = []
-    for column, cell in scored.groupby("column", sort=False):
-        values = cell.value.to_numpy(dtype=np.float64)
-        low, high = bootstrap_ci(values, seed=seed)
-        out.append({"column": column, "direction": cell.direction.iloc[0],
-                    "mean": float(values.mean()), "ci_low": low, "ci_high": high,
-                    "images": int(values.size)})
+    columns = np.asarray(scored.column, dtype=object)
+    values = scored.value.to_numpy(dtype=np.float64)
+    directions = np.asarray(scored.direction, dtype=object)
+    order = list(dict.fromkeys(columns.tolist()))
+    cells = [values[columns == column] for column in order]
+    intervals = bootstrap_cis(cells, seed=seed)
+    out = [{"column": column, "direction": directions[np.argmax(columns == column)],
+            "mean": float(cell.mean()), "ci_low": low, "ci_high": high, "images": int(cell.size)}
+           for column, cell, (low, high) in zip(order, cells, intervals)]
     return pd.DataFrame(out, columns=["column", "direction", "mean", "ci_low", "ci_high", "images"])
 
 
@@ -67,61 +76,127 @@ def failures(frame: pd.DataFrame) -> pd.DataFrame:
     return failed[["image", "explainer", "layer", "metric", "error"]].drop_duplicates()
 
 
-def matrix(frame: pd.DataFrame, seed: int = 0) -> pd.DataFrame:
+def _sorted_codes(series: pd.Series) -> tuple[np.ndarray, list[str]]:
+    """(codes, categories): codes of ``series`` whose order is the categories' string order."""
+    if isinstance(series.dtype, pd.CategoricalDtype):
+        categories = sorted(series.cat.categories)
+        return series.cat.set_categories(categories).cat.codes.to_numpy(), categories
+    codes, uniques = pd.factorize(series.astype(object), sort=True)
+    return codes, list(uniques)
+
+
+def _first_seen(codes: np.ndarray, count: int) -> np.ndarray:
+    """For each code, the rank of its first appearance in ``codes`` (-1 when absent)."""
+    first = np.full(count, len(codes), dtype=np.int64)
+    np.minimum.at(first, codes, np.arange(len(codes)))
+    ranks = np.full(count, -1, dtype=np.int64)
+    present = np.flatnonzero(first < len(codes))
+    ranks[present[np.argsort(first[present], kind="stable")]] = np.arange(len(present))
+    return ranks
+
+
+def matrix(frame: pd.DataFrame, seed: int = 0,
+           families: dict[str, str] | None = None) -> pd.DataFrame:
     """The explainer x metric matrix: one line per (explainer, layer, column).
 
     mean over images with a seeded 95% bootstrap interval; ``best`` marks the best explainer
     of each (layer-agnostic) column, ``tied_with_best`` those whose paired bootstrap
-    difference from the best includes 0 (the same images, docs/protocol.md "Aggregation").
+    difference from the best includes 0 (the same images, docs/protocol.md "Aggregation");
+    ``family`` is the metric's family (``families``, else :func:`xbench.view.metric_families`).
+    Computed on category codes and shared bootstrap draws (:func:`xbench.stats.bootstrap_cis`):
+    the same numbers as cell by cell, at a cost that does not grow with the rows' Python
+    objects.
     """
-    scored = frame[(frame.explainer != "") & (frame.status == "ok") & frame.value.notna()]
+    keep = (frame.explainer != "") & (frame.status == "ok") & frame.value.notna()
+    scored = frame[["explainer", "layer", "column", "image", "value", "degenerate", "metric",
+                    "variant", "direction"]][keep]
+    explainers, explainer_names = _sorted_codes(scored.explainer)
+    layers, layer_names = _sorted_codes(scored.layer)
+    columns, column_names = _sorted_codes(scored.column)
+    images, _ = _sorted_codes(scored.image)
+    values = scored.value.to_numpy(dtype=np.float64)
+    degenerate = scored.degenerate.to_numpy(dtype=bool)
     # columns keep the order the metrics produced them in (retention 100%, 50%, 15%, ...)
-    first_seen = {column: i for i, column in enumerate(dict.fromkeys(scored.column))}
+    column_seen = _first_seen(columns, len(column_names))
     # layers keep the runner's order (forward order), not the alphabet (_blocks.10 < _blocks.2)
-    layer_seen = {layer: i for i, layer in enumerate(dict.fromkeys(scored.layer))}
+    layer_seen = _first_seen(layers, len(layer_names))
+    key = ((explainers.astype(np.int64) * len(layer_names) + layers) * len(column_names)
+           + columns)
+    groups, inverse = np.unique(key, return_inverse=True)
+    order = np.argsort(inverse, kind="stable")  # grouped; file order within a group
+    bounds = np.concatenate([[0], np.cumsum(np.bincount(inverse, minlength=len(groups)))])
+    cells, firsts = [], []
+    for index in range(len(groups)):
+        members = order[bounds[index]:bounds[index + 1]]
+        cells.append(members)
+        firsts.append(members[0])
+    # the strings of each cell's first row only (not millions of Python objects)
+    picked = scored.iloc[np.asarray(firsts, dtype=np.int64)]
+    metrics = dict(zip(firsts, np.asarray(picked.metric, dtype=object)))
+    variants = dict(zip(firsts, np.asarray(picked.variant, dtype=object)))
+    directions = dict(zip(firsts, np.asarray(picked.direction, dtype=object)))
+    cell_values = [values[members] for members in cells]
+    cell_means = resampled_means(cell_values, seed=seed)
+    intervals = [percentile_interval(means) for means in cell_means]
+    if families is None:
+        kinds = {metrics[i]: ("diagnostic" if directions[i] == "" else "score") for i in firsts}
+        families = metric_families(kinds, kinds=kinds)
     out = []
-    for (explainer, layer, column), cell in scored.groupby(["explainer", "layer", "column"],
-                                                          sort=True):
-        values = cell.value.to_numpy(dtype=np.float64)
-        low, high = bootstrap_ci(values, seed=seed)
+    for members, first, cell, (low, high) in zip(cells, firsts, cell_values, intervals):
+        column = column_names[columns[first]]
         out.append({
-            "explainer": explainer, "layer": layer, "column": column,
-            "metric": cell.metric.iloc[0], "variant": cell.variant.iloc[0],
-            "direction": cell.direction.iloc[0], "mean": float(values.mean()),
-            "ci_low": low, "ci_high": high, "median": float(np.median(values)),
-            "q1": float(np.quantile(values, 0.25)), "q3": float(np.quantile(values, 0.75)),
-            "images": int(values.size), "degenerate": int(cell.degenerate.sum()),
-            "order": first_seen[column], "layer_order": layer_seen[layer],
+            "explainer": explainer_names[explainers[first]], "layer": layer_names[layers[first]],
+            "column": column, "family": families.get(metrics[first], OTHER_FAMILY),
+            "metric": metrics[first], "variant": variants[first],
+            "direction": directions[first], "mean": float(cell.mean()),
+            "ci_low": low, "ci_high": high, "median": float(np.median(cell)),
+            "q1": float(np.quantile(cell, 0.25)), "q3": float(np.quantile(cell, 0.75)),
+            "images": int(cell.size), "degenerate": int(degenerate[members].sum()),
+            "order": int(column_seen[columns[first]]),
+            "layer_order": int(layer_seen[layers[first]]),
         })
-    result = pd.DataFrame(out, columns=["explainer", "layer", "column", "metric", "variant",
-                                        "direction", "mean", "ci_low", "ci_high", "median", "q1",
-                                        "q3", "images", "degenerate", "order",
-                                        "layer_order"])
-    result["best"] = False
-    result["tied_with_best"] = False
-    for column, group in result.groupby("column", sort=True):
+    result = pd.DataFrame(out, columns=MATRIX_COLUMNS)
+    best = np.zeros(len(result), dtype=bool)
+    tied = np.zeros(len(result), dtype=bool)
+    by_image = {}  # cell -> (image codes sorted, values in that order)
+
+    def per_image(index: int) -> tuple[np.ndarray, np.ndarray]:
+        if index not in by_image:
+            members = cells[index]
+            sort = np.argsort(images[members], kind="stable")
+            by_image[index] = images[members][sort], values[members][sort]
+        return by_image[index]
+
+    def in_image_order(index: int) -> bool:
+        return bool(np.all(np.diff(images[cells[index]]) > 0))
+
+    pairs, differences = [], []
+    for _, group in result.groupby("column", sort=True):
         if group.direction.iloc[0] not in ARROWS:
             continue  # an explainer's diagnostic (e.g. skipped channels): nothing is better
         lower = group.direction.iloc[0] == "lower"
         best_index = group["mean"].idxmin() if lower else group["mean"].idxmax()
-        result.loc[best_index, "best"] = True
-        best = result.loc[best_index]
-        best_values = _per_image(scored, best.explainer, best.layer, column)
-        for index, line in group.iterrows():
+        best[best_index] = True
+        best_images, best_values = per_image(best_index)
+        for index in group.index:
             if index == best_index:
                 continue
-            values = _per_image(scored, line.explainer, line.layer, column)
-            common = best_values.index.intersection(values.index)
-            if len(common) >= 2:
-                result.loc[index, "tied_with_best"] = not significantly_different(
-                    values.loc[common].to_numpy(), best_values.loc[common].to_numpy(), seed=seed)
+            line_images, line_values = per_image(index)
+            _, at_best, at_line = np.intersect1d(best_images, line_images, return_indices=True)
+            if (len(at_best) > EXACT_MAX_IMAGES and len(at_best) == len(best_images)
+                    == len(line_images) and in_image_order(index) and in_image_order(best_index)):
+                # the same images in the same positions: the resampled mean differences are
+                # the differences of the cells' resampled means (the same draws; linearity)
+                low, high = percentile_interval(cell_means[index] - cell_means[best_index])
+                tied[index] = not excludes_zero(low, high)
+            elif len(at_best) >= 2:
+                pairs.append(index)
+                differences.append(line_values[at_line] - best_values[at_best])
+    for index, (low, high) in zip(pairs, bootstrap_cis(differences, seed=seed)):
+        tied[index] = not excludes_zero(low, high)
+    result["best"] = best
+    result["tied_with_best"] = tied
     return result
-
-
-def _per_image(scored: pd.DataFrame, explainer: str, layer: str, column: str) -> pd.Series:
-    cell = scored[(scored.explainer == explainer) & (scored.layer == layer)
-                  & (scored.column == column)]
-    return cell.set_index("image").value.sort_index()
 
 
 def format_number(value: float) -> str:
@@ -153,9 +228,26 @@ def cell_text(line: pd.Series, markdown: bool = True, interval: bool = True) -> 
 
 
 def column_order(matrix_frame: pd.DataFrame) -> list[str]:
-    """Matrix columns in the order the metrics produced them."""
+    """Matrix columns grouped by metric family (faithfulness, localisation, ..., cost:
+    :data:`xbench.view.FAMILY_ORDER`), in the order the metrics produced them within one."""
     firsts = matrix_frame.groupby("column", sort=False)["order"].min()
-    return sorted(firsts.index, key=lambda column: firsts[column])
+    if "family" not in matrix_frame.columns:
+        return sorted(firsts.index, key=lambda column: firsts[column])
+    family = matrix_frame.drop_duplicates("column").set_index("column").family
+    return sorted(firsts.index, key=lambda column: (family_rank(family[column]), firsts[column]))
+
+
+def column_families(matrix_frame: pd.DataFrame) -> list[tuple[str, list[str]]]:
+    """[(family, its columns)] in :func:`column_order`."""
+    family = (matrix_frame.drop_duplicates("column").set_index("column").family
+              if "family" in matrix_frame.columns else None)
+    out: list[tuple[str, list[str]]] = []
+    for column in column_order(matrix_frame):
+        name = family[column] if family is not None else OTHER_FAMILY
+        if not out or out[-1][0] != name:
+            out.append((name, []))
+        out[-1][1].append(column)
+    return out
 
 
 def explainer_layers(matrix_frame: pd.DataFrame) -> list[tuple[str, str]]:
@@ -165,23 +257,38 @@ def explainer_layers(matrix_frame: pd.DataFrame) -> list[tuple[str, str]]:
     return list(zip(pairs.explainer, pairs.layer))
 
 
-def wide_table(matrix_frame: pd.DataFrame, markdown: bool = True) -> tuple[list[str], list[list[str]]]:
-    """(header, rows) of the matrix as text: one row per explainer (and layer)."""
-    columns = column_order(matrix_frame)
+def wide_table(matrix_frame: pd.DataFrame, markdown: bool = True,
+               columns: list[str] | None = None) -> tuple[list[str], list[list[str]]]:
+    """(header, rows) of the matrix as text: one row per explainer (and layer), the
+    ``columns`` given (all, grouped by family, when None); with ``columns`` given, only the
+    explainers that have a cell in one of them."""
+    every = columns is None
+    columns = column_order(matrix_frame) if columns is None else columns
     layers = sorted(set(matrix_frame.layer))
     show_layer = len([layer for layer in layers if layer != "-"]) > 1
     head = ["explainer"] + (["layer"] if show_layer else [])
     directions = matrix_frame.drop_duplicates("column").set_index("column").direction
     head += [f"{c} {ARROWS.get(directions[c], '')}".strip() for c in columns]
+    cells = {(line["explainer"], line["layer"], line["column"]): _Line(line)
+             for line in matrix_frame.to_dict("records")}
     body = []
     for explainer, layer in explainer_layers(matrix_frame):
-        group = matrix_frame[(matrix_frame.explainer == explainer) & (matrix_frame.layer == layer)]
-        cells = group.set_index("column")
+        present = [(explainer, layer, c) in cells for c in columns]
+        if not every and not any(present):
+            continue
         line = [explainer] + ([layer] if show_layer else [])
-        line += [cell_text(cells.loc[c], markdown) + cells.loc[c].get("gate", "")
-                 if c in cells.index else "" for c in columns]
+        line += [cell_text(cells[(explainer, layer, c)], markdown)
+                 + cells[(explainer, layer, c)].get("gate", "") if here else ""
+                 for c, here in zip(columns, present)]
         body.append(line)
     return head, body
+
+
+class _Line(dict):
+    """A matrix line read like the pandas Series :func:`cell_text` takes (``line.mean`` and
+    ``line["mean"]``), without a Series' cost per cell."""
+
+    __getattr__ = dict.__getitem__
 
 
 def _markdown_table(head: list[str], body: list[list[str]]) -> str:
@@ -192,10 +299,12 @@ def _markdown_table(head: list[str], body: list[list[str]]) -> str:
 
 def run_section(folder: RunFolder) -> tuple[str, pd.DataFrame]:
     """Markdown section and matrix frame of one run."""
-    header = folder.header()
-    frame = run_frame(folder)
-    table = gates.mark_matrix(frame, matrix(frame, seed=header.config.get("seed", 0)),
-                              seed=header.config.get("seed", 0))
+    records = view.load(folder)
+    header = records.header
+    frame = records.frame(LEADERBOARD_COLUMNS, categorical=True)
+    seed = header.config.get("seed", 0)
+    table = gates.mark_matrix(frame, matrix(frame, seed=seed, families=run_families(frame, header)),
+                              seed=seed)
     accuracy, labelled = top1_accuracy(frame)
     failed = failures(frame)
     env = header.environment
@@ -229,10 +338,11 @@ def run_section(folder: RunFolder) -> tuple[str, pd.DataFrame]:
         lines.append(f"- degenerate maps (constant/NaN/Inf, scored as all-zero): {len(maps)} "
                      f"({where})")
     lines.append("")
-    if not table.empty:
-        head, body = wide_table(table)
-        lines += [_markdown_table(head, body), ""]
-        lines += [gates.LEGEND, ""] if table.gate.astype(bool).any() else []
+    for family, columns in column_families(table):
+        head, body = wide_table(table, columns=columns)
+        lines += [f"### {family}", "", _markdown_table(head, body), ""]
+    if not table.empty and table.gate.astype(bool).any():
+        lines += [gates.LEGEND, ""]
     model = model_scores(frame, seed=header.config.get("seed", 0))
     if not model.empty:
         lines += ["Model-scope metrics (scored once per image, no explainer):", ""]
@@ -244,6 +354,14 @@ def run_section(folder: RunFolder) -> tuple[str, pd.DataFrame]:
     return "\n".join(lines), table
 
 
+def run_families(frame: pd.DataFrame, header: RunHeader) -> dict[str, str]:
+    """{metric: family} of the explainers' metrics of a run's rows (``frame`` with ``kind``)."""
+    explained = frame[(frame.explainer != "") & (frame.status == "ok")].drop_duplicates("metric")
+    kinds = dict(zip(np.asarray(explained.metric, dtype=object),
+                     np.asarray(explained.kind, dtype=object)))
+    return metric_families(kinds, header, kinds)
+
+
 def _layers(header: RunHeader) -> str:
     layers = header.config.get("layers")
     return layers if layers not in (None, "", "last") else header.model.get("default_layer", "")
@@ -252,7 +370,8 @@ def _layers(header: RunHeader) -> str:
 LEGEND = (
     "Cells: mean over images [95% bootstrap interval]; time: median seconds per image (IQR). "
     "↓ lower is better, ↑ higher is better. **bold**: best in the column; ≈: not significantly "
-    "different from the best (paired bootstrap over the same images, 95%). Regenerate with "
+    "different from the best (paired bootstrap over the same images, 95%). One table per metric "
+    "family (faithfulness, localisation, ..., cost; an explainer's diagnostics last). Regenerate with "
     "`xbench leaderboard`; never edit by hand."
 )
 

@@ -31,7 +31,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from xbench import leaderboard
+from xbench import leaderboard, view
 from xbench.errors import UserError
 from xbench.records import ResultRow, RunFolder, RunHeader
 
@@ -116,10 +116,13 @@ def render(folder: RunFolder, max_images: int = 24, sample_seed: int = 0, page_s
         raise UserError(f"--max-images must be >= 0, got {max_images}")
     if page_size < 1:
         raise UserError(f"--page-size must be >= 1, got {page_size}")
-    header = folder.header()
-    rows = list(folder.rows())
-    frame = leaderboard.rows_frame(rows)
-    table = leaderboard.matrix(frame, seed=header.config.get("seed", 0))
+    from xbench.layer_plots import OVERALL_METRIC
+
+    records = view.load(folder)
+    header = records.header
+    frame = records.frame(categorical=True)
+    table = leaderboard.matrix(frame, seed=header.config.get("seed", 0),
+                               families=leaderboard.run_families(frame, header))
     names = _Classes(class_names)
     images = gallery_images(header, frame)
     sections = [
@@ -127,8 +130,9 @@ def render(folder: RunFolder, max_images: int = 24, sample_seed: int = 0, page_s
         _matrix_section(table),
         _gallery_section(folder, header, frame, images, names, max_images, sample_seed,
                          page_size),
-        _curves_section(rows, header),
-        _layers_section(rows, header),
+        _curves_section(list(records.result_rows(CURVE_METRICS)), header),
+        _layers_section(list(records.result_rows([OVERALL_METRIC], with_curves=False)), header,
+                        _explainer_layers(frame)),
         _cost_section(table),
         _problems_section(frame, images),
     ]
@@ -226,9 +230,13 @@ def _layers(header: RunHeader) -> str:
 def _matrix_section(table: pd.DataFrame) -> str:
     if table.empty:
         return "<h2>Leaderboard</h2><p>No scores in this run.</p>"
-    columns = leaderboard.column_order(table)
+    groups = leaderboard.column_families(table)
+    columns = [column for _, members in groups for column in members]
     directions = table.drop_duplicates("column").set_index("column").direction
     show_layer = len({layer for layer in table.layer if layer != "-"}) > 1
+    families = ('<th class="family" colspan="' + str(2 if show_layer else 1) + '"></th>'
+                + "".join(f'<th class="family" colspan="{len(members)}">{_e(family)}</th>'
+                          for family, members in groups))
     head = ['<th class="name">explainer<span class="sorted"></span></th>']
     if show_layer:
         head.append('<th class="name">layer<span class="sorted"></span></th>')
@@ -253,9 +261,9 @@ def _matrix_section(table: pd.DataFrame) -> str:
         '<p class="note">Mean over images [95% bootstrap interval]; time: median seconds per '
         "image (IQR). ↑ higher is better, ↓ lower is better. Bold green: best in the column; "
         "light green ≈: not significantly different from the best (paired bootstrap, 95%). "
-        "Click a column header to sort.</p>\n"
-        f'<div class="scroll"><table id="leaderboard" class="sortable"><thead><tr>{"".join(head)}'
-        f'</tr></thead><tbody>{"".join(body)}</tbody></table></div>')
+        "Columns are grouped by metric family. Click a column header to sort.</p>\n"
+        f'<div class="scroll"><table id="leaderboard" class="sortable"><thead><tr>{families}</tr>'
+        f'<tr>{"".join(head)}</tr></thead><tbody>{"".join(body)}</tbody></table></div>')
 
 
 def _matrix_cell(line: pd.Series) -> str:
@@ -449,7 +457,7 @@ def _gallery_section(folder: RunFolder, header: RunHeader, frame: pd.DataFrame,
         return ""
     previews = load_previews(folder, header, pairs, {image.image for image in shown})
     several_layers = len({layer for _, layer in pairs if layer != "-"}) > 1
-    scores = _per_image_scores(explained)
+    scores = _per_image_scores(explained[explained.image.isin([image.image for image in shown])])
     boxes = gallery_boxes(header, shown)
     lines = []
     for position, image in enumerate(shown):
@@ -604,10 +612,16 @@ def _explainer_curves(group: dict[tuple[str, str, str], list[ResultRow]], explai
     return figure
 
 
-def _layers_section(rows: list[ResultRow], header: RunHeader) -> str:
+def _explainer_layers(frame: pd.DataFrame) -> set[str]:
+    """The layers the run's explainers read ('-': none)."""
+    return {str(layer) for layer in frame[frame.explainer != ""].layer.unique() if layer != "-"}
+
+
+def _layers_section(rows: list[ResultRow], header: RunHeader, layers: set[str]) -> str:
+    """The layer sweep plot from the ``insertion-deletion`` rows, when the run's explainers
+    read several ``layers``."""
     from xbench.layer_plots import draw_layer_scores, layer_scores
 
-    layers = {row.layer for row in rows if row.explainer and row.layer != "-"}
     if len(layers) < 2:
         return ""
     try:

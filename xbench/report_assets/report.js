@@ -19,13 +19,18 @@
     return sign * a.text.localeCompare(b.text);
   }
 
+  // The column headers are the last header row (a row of metric families may sit above it).
+  function headerCells(table) {
+    return table.tHead.rows[table.tHead.rows.length - 1].cells;
+  }
+
   function sortTable(table, index, header) {
     var body = table.tBodies[0];
     var ascending = header.getAttribute("data-order") !== "asc";
     var rows = Array.prototype.slice.call(body.rows);
     rows.sort(function (r1, r2) { return compare(cellKey(r1, index), cellKey(r2, index), ascending); });
     rows.forEach(function (row) { body.appendChild(row); });
-    Array.prototype.forEach.call(table.tHead.rows[0].cells, function (th) {
+    Array.prototype.forEach.call(headerCells(table), function (th) {
       th.removeAttribute("data-order");
       var mark = th.querySelector(".sorted");
       if (mark) { mark.textContent = ""; }
@@ -36,7 +41,7 @@
   }
 
   function initSortable(table) {
-    Array.prototype.forEach.call(table.tHead.rows[0].cells, function (th, index) {
+    Array.prototype.forEach.call(headerCells(table), function (th, index) {
       th.title = "click to sort";
       th.addEventListener("click", function () { sortTable(table, index, th); });
     });
