@@ -34,15 +34,32 @@ ENGINE_CHOICES = ("auto", "eager", "onnxruntime", "compiled")
 TARGET_RULES = ("predicted", "label")
 
 
-class HelpFormatter(argparse.RawDescriptionHelpFormatter):
-    """Descriptions and epilogs as written (examples keep their lines); each argument's help
-    ends with its default, unless the default is empty or the help already names it."""
+class HelpFormatter(argparse.HelpFormatter):
+    """Descriptions and epilogs wrapped paragraph by paragraph, except lines that start with a
+    blank (examples, lists), which stay as written; each argument's help ends with its default,
+    unless the default is empty or the help already names it."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        import textwrap
+
+        out = []
+        for paragraph in text.split("\n\n"):
+            lines = paragraph.splitlines()
+            if any(line.startswith(" ") for line in lines[1:]) or len(lines) == 1 and \
+                    lines[0].startswith(" "):
+                out.append("\n".join(indent + line for line in lines))
+            else:
+                out.append(textwrap.fill(" ".join(line.strip() for line in lines), width,
+                                         initial_indent=indent, subsequent_indent=indent,
+                                         break_on_hyphens=False))
+        return "\n\n".join(out)
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
         default = action.default
-        if ("default" in text or default in (None, False, True, [], ())
-                or default is argparse.SUPPRESS or not action.option_strings):
+        empty = default is None or default is False or default is True or default == [] \
+            or default is argparse.SUPPRESS
+        if "default" in text or empty or not action.option_strings:
             return text
         return f"{text} (default: %(default)s)"
 
@@ -239,11 +256,11 @@ def add_explanation_options(parser: argparse.ArgumentParser, *, many_layers: boo
     explanation.add_argument(
         "--target", type=target, default=default_target, metavar="predicted|label|N",
         help="the class explained: the top-1 prediction, the image's label, or class index N")
-    layers = "last, all, NAME or NAME,NAME" if many_layers else "last or NAME"
+    layers = ("last, all (one per block), NAME or NAME,NAME" if many_layers
+              else "last or one NAME")
     explanation.add_argument(
         "--layer", "--layers", dest="layers", default="last", metavar="LAYER",
-        help=f"target layer of CAM methods: {layers} ('last' is the model's default layer; "
-             f"'all' one per block)")
+        help=f"target layer of CAM methods: {layers}; 'last' is the model's default layer")
     explanation.add_argument("--seed", type=non_negative_int, default=0,
                              help=seed_help or "seed for subsets, masks and bootstrap")
     return explanation
