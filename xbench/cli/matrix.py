@@ -102,12 +102,13 @@ def line_cells(cells: pd.DataFrame) -> dict[tuple[str, str], tuple[str, str]]:
 def degenerate_note(table: pd.DataFrame) -> str:
     """The explainers with degenerate (constant) maps and on how many images, or 'none'."""
     scored = table[table.direction.isin(list(leaderboard.ARROWS))]
+    show_layer = len({layer for layer in scored.layer if layer not in ("", "-")}) > 1
     parts = []
     for explainer, layer in leaderboard.explainer_layers(scored):
         cells = scored[(scored.explainer == explainer) & (scored.layer == layer)]
         count = int(cells.degenerate.max()) if len(cells) else 0
         if count:
-            where = f"{explainer} @{layer}" if layer not in ("", "-") else explainer
+            where = f"{explainer} @{layer}" if show_layer and layer not in ("", "-") else explainer
             parts.append(f"{where} {count} of {int(cells.images.max())} images")
     return ("degenerate (constant) maps, scored as all-zero maps: "
             + ("; ".join(parts) if parts else "none"))
@@ -124,7 +125,7 @@ def print_matrix(console: Console, folder, table: pd.DataFrame, registry: Any = 
     console.print(Text(header.run_name, style="bold"), soft_wrap=True)
     console.print(f"protocol v{header.protocol}, profile {header.profile}, engine {engine}, "
                   f"top-1 {leaderboard.format_number(accuracy)} ({labelled} labelled)",
-                  soft_wrap=True, highlight=False)
+                  highlight=False)
     model = leaderboard.model_scores(frame, seed=header.config.get("seed", 0))
     for _, line in model.iterrows():
         fmt = number_format([line["mean"], line.ci_low, line.ci_high])
@@ -192,5 +193,6 @@ def print_matrix(console: Console, folder, table: pd.DataFrame, registry: Any = 
             rich_table.add_row(labels[column], *(texts.get((column, *explainers[index]), "")
                                                  for index in group))
         console.print(rich_table)
-    console.print(LEGEND, soft_wrap=True, highlight=False, markup=False)
-    console.print(degenerate_note(table), soft_wrap=True, highlight=False, markup=False)
+    # folded at spaces only (rich never breaks inside a word, so names stay whole)
+    console.print(LEGEND, highlight=False, markup=False)
+    console.print(degenerate_note(table), highlight=False, markup=False)
