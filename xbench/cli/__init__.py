@@ -12,7 +12,6 @@ import argparse
 import importlib
 import sys
 
-from xbench.cli.console import message_console
 from xbench.errors import UserError
 
 #: subcommand -> (module, help line shown by ``xbench --help`` without importing the module)
@@ -104,6 +103,7 @@ def blocked_plugins(args: argparse.Namespace) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser(argv).parse_args(argv)
+    from xbench.cli.console import message_console  # rich: not needed by --help/--version
     from xbench.environment import tune_allocator
 
     tune_allocator()
