@@ -29,7 +29,7 @@ import torch
 
 import xbench
 from xbench import Metric, MetricBatch, descending_order, hookimpl
-from xbench.boxes import box_distance2, pad_boxes
+from xbench import box_distance2, pad_boxes
 
 BOXES_OF = ("target", "any")
 TIES = ("first", "any")

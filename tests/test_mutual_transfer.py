@@ -321,7 +321,7 @@ def test_pearson_is_clamped_to_one():
 # --- the sweep report: intervals and paired tests ---------------------------------------------
 
 def test_wilson_interval_known_values():
-    from xbench_plugins.mutual_transfer_report import wilson_interval
+    from xbench_plugins.mutual_transfer.report import wilson_interval
 
     z = 1.959963984540054
     lo, hi = wilson_interval(0, 10)  # p = 0: (0, z^2 / (n + z^2))
@@ -335,7 +335,7 @@ def test_wilson_interval_known_values():
 
 
 def test_mcnemar_exact_known_values():
-    from xbench_plugins.mutual_transfer_report import mcnemar_exact
+    from xbench_plugins.mutual_transfer.report import mcnemar_exact
 
     a = [True] * 5 + [False] * 0 + [True] * 10
     b = [False] * 5 + [True] * 10
@@ -351,14 +351,14 @@ def test_mcnemar_exact_known_values():
 
 @pytest.mark.parametrize("spec, message", [("0.5,x", "not a number"), ("1.5", "outside"), (",", "at least one")])
 def test_parse_lambdas_errors(spec, message):
-    from xbench_plugins.mutual_transfer_report import parse_lambdas
+    from xbench_plugins.mutual_transfer.report import parse_lambdas
 
     with pytest.raises(UserError, match=message):
         parse_lambdas(spec)
 
 
 def test_parse_lambdas_keeps_order_and_drops_repeats():
-    from xbench_plugins.mutual_transfer_report import parse_lambdas, regime_name
+    from xbench_plugins.mutual_transfer.report import parse_lambdas, regime_name
 
     assert parse_lambdas(" -1, 0.9,0.5,0.9") == [-1.0, 0.9, 0.5]
     assert [regime_name(v, 1) for v in (-1.0, 0.9)] == ["global", "local 0.9"]
@@ -524,7 +524,7 @@ def test_cli_compare_sweeps_lambdas_from_one_start(tmp_path):
     import json
 
     from xbench.cli import main
-    from xbench_plugins.mutual_transfer_report import plot_sweep, unbits, wilson_interval
+    from xbench_plugins.mutual_transfer.report import plot_sweep, unbits, wilson_interval
 
     out = tmp_path / "cmp"
     code = main(["train", "mutual-transfer", "--data", "digits", "--limit", "40", "--val-limit", "20",
@@ -571,7 +571,7 @@ def test_cifar10_folder_is_read_without_download(tmp_path, monkeypatch):
     import numpy as np
     import torchvision.datasets.cifar as tv_cifar
 
-    from xbench.cli.train_mutual_transfer import load_cifar
+    from xbench_plugins.mutual_transfer.data import load_cifar
 
     folder = tmp_path / "cifar-10-batches-py"
     folder.mkdir()

@@ -14,6 +14,7 @@ from xbench import LoadedModel
 from xbench.errors import UserError
 from xbench.model import ClassifierHandle
 from xbench_plugins import similarity as sim
+from xbench_plugins.similarity import pruning as sim_pruning
 
 
 def digits_handle(seed: int = 0) -> ClassifierHandle:
@@ -348,7 +349,7 @@ def test_pruning_table_zeroes_top_and_bottom_by_mean_similarity():
     assert result["acc_baseline"] == sim.accuracy(model, test)
     assert 0 <= result["acc_prune_random"] <= 100
     # every random draw of 4 from a pool of 4 is the same pruning
-    assert sim._random_pruning_accuracy(model, test, "features.relu1", [0, 1, 2, 4], 4, 3, 0) == bottom
+    assert sim_pruning._random_pruning_accuracy(model, test, "features.relu1", [0, 1, 2, 4], 4, 3, 0) == bottom
     again = sim.pruning_table(model, table, infos, test, ratio=0.25).iloc[0]
     assert again["acc_prune_random"] == result["acc_prune_random"]  # seeded
     with pytest.raises(UserError, match="--ratio"):

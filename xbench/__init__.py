@@ -29,6 +29,14 @@ _PUBLIC = {
     "normalize_maps": "xbench.saliency",
     # ImageNet class names for model plugins
     "imagenet_class_names": "xbench.imagenet",
+    # object boxes, for localisation metrics (docs/protocol.md)
+    "box_distance2": "xbench.boxes", "pad_boxes": "xbench.boxes",
+    # for commands plugins add (register_commands): the installed plugins, datasets read into
+    # memory, progress bars and the CLI's consoles
+    "build_registry": "xbench.plugins", "open_dataset": "xbench.data",
+    "load_labelled_images": "xbench.data", "LabelledImages": "xbench.data",
+    "Progress": "xbench.progress", "message_console": "xbench.cli.console",
+    "table_console": "xbench.cli.console",
     # the Python entry point for notebooks (docs/python-api.md)
     "run": "xbench.api", "explain": "xbench.api", "load_model": "xbench.api",
 }

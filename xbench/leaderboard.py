@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from xbench import gates
 from xbench.errors import UserError
 from xbench.records import ResultRow, RunFolder, RunHeader, find_runs
 from xbench.stats import bootstrap_ci, significantly_different
@@ -177,7 +178,8 @@ def wide_table(matrix_frame: pd.DataFrame, markdown: bool = True) -> tuple[list[
         group = matrix_frame[(matrix_frame.explainer == explainer) & (matrix_frame.layer == layer)]
         cells = group.set_index("column")
         line = [explainer] + ([layer] if show_layer else [])
-        line += [cell_text(cells.loc[c], markdown) if c in cells.index else "" for c in columns]
+        line += [cell_text(cells.loc[c], markdown) + cells.loc[c].get("gate", "")
+                 if c in cells.index else "" for c in columns]
         body.append(line)
     return head, body
 
@@ -192,7 +194,8 @@ def run_section(folder: RunFolder) -> tuple[str, pd.DataFrame]:
     """Markdown section and matrix frame of one run."""
     header = folder.header()
     frame = run_frame(folder)
-    table = matrix(frame, seed=header.config.get("seed", 0))
+    table = gates.mark_matrix(frame, matrix(frame, seed=header.config.get("seed", 0)),
+                              seed=header.config.get("seed", 0))
     accuracy, labelled = top1_accuracy(frame)
     failed = failures(frame)
     env = header.environment
@@ -229,6 +232,7 @@ def run_section(folder: RunFolder) -> tuple[str, pd.DataFrame]:
     if not table.empty:
         head, body = wide_table(table)
         lines += [_markdown_table(head, body), ""]
+        lines += [gates.LEGEND, ""] if table.gate.astype(bool).any() else []
     model = model_scores(frame, seed=header.config.get("seed", 0))
     if not model.empty:
         lines += ["Model-scope metrics (scored once per image, no explainer):", ""]

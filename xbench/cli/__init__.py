@@ -23,6 +23,8 @@ SUBCOMMANDS = {
     "plot": ("xbench.cli.plot", "draw figures from a run's records (PNG)"),
     "report": ("xbench.cli.report", "write a self-contained HTML report of a run"),
     "check": ("xbench.cli.check", "validate every line of a run's records against the schema"),
+    "analyze": ("xbench.cli.analyze", "rank stability: bootstrap rank intervals, Kendall's tau"),
+    "verify": ("xbench.cli.verify", "recompute a sample of a run's units and compare with its records"),
 }
 
 

@@ -62,7 +62,17 @@ def add_layers(plots) -> None:
     p.set_defaults(func=run_layers)
 
 
-PLOTS = {"curves": add_curves, "layers": add_layers}
+def add_pareto(plots) -> None:
+    p = plots.add_parser("pareto", help="passes per image against a column's score, with the "
+                                        "Pareto front")
+    p.add_argument("run", help="run folder with forward-passes and backward-passes rows")
+    p.add_argument("--metric", required=True, help="column, e.g. insertion@step=3136 (or a "
+                   "metric name with one variant)")
+    p.add_argument("-o", "--output", help="PNG to write (default: RUN/pareto.png)")
+    p.set_defaults(func=run_pareto)
+
+
+PLOTS = {"curves": add_curves, "layers": add_layers, "pareto": add_pareto}
 
 
 def open_run(path: str | Path) -> RunFolder:
@@ -93,5 +103,21 @@ def run_layers(args: argparse.Namespace) -> int:
     output = Path(args.output) if args.output else folder.path / "layers.png"
     plot_layers(folder.rows(), output, title=folder.header().run_name, variant=args.variant,
                 seed=folder.header().config.get("seed", 0))
+    message_console().print(f"wrote {output}", highlight=False)
+    return 0
+
+
+def run_pareto(args: argparse.Namespace) -> int:
+    from xbench.leaderboard import run_frame
+    from xbench.pareto import draw_pareto, pareto_points, resolve_column
+
+    folder = open_run(args.run)
+    header = folder.header()
+    frame = run_frame(folder)
+    column = resolve_column(frame, args.metric)
+    points = pareto_points(frame, column, seed=header.config.get("seed", 0))
+    direction = frame[frame.column == column].direction.iloc[0]
+    output = Path(args.output) if args.output else folder.path / "pareto.png"
+    draw_pareto(points, column, direction, output, f"{header.run_name}: cost against {column}")
     message_console().print(f"wrote {output}", highlight=False)
     return 0

@@ -20,12 +20,12 @@ import time
 from pathlib import Path
 
 import torch
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from xbench.data import load_image, open_dataset
-from xbench.errors import UserError
-from xbench.model import ClassifierHandle
+from xbench import ClassifierHandle, Progress, UserError, build_registry, message_console, open_dataset
+from xbench_plugins.lcam import checkpoint as lcam_checkpoint
+from xbench_plugins.lcam import train as lcam_train
+from xbench_plugins.lcam.head import AttentionHead, classifier_tail, layer_features
+from xbench_plugins.lcam.loss import LossWeights
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -66,22 +66,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from xbench_plugins import lcam
-
-    console = Console(stderr=True)
+    console = message_console()
     if args.threads:
         torch.set_num_threads(args.threads)
-    config = lcam.TrainConfig(
+    config = lcam_train.TrainConfig(
         variant=args.variant, epochs=args.epochs, seed=args.seed, lr=args.lr,
         optimizer=args.optimizer, head_init=args.head_init, weight_decay=args.weight_decay, batch_size=args.batch_size,
         views=args.views if args.variant == "fm" else 1,
-        loss=lcam.LossWeights(ce=args.lambda_ce, area=args.lambda_area, tv=args.lambda_tv,
-                              area_power=args.area_power))
+        loss=LossWeights(ce=args.lambda_ce, area=args.lambda_area, tv=args.lambda_tv,
+                         area_power=args.area_power))
     model = build_model(args.model, args.weights)
-    lcam.freeze(model)
+    lcam_train.freeze(model)
     layer = args.layer or model.default_layer
     model.layer(layer)  # validates the name
-    tail = lcam.classifier_tail(model.net, layer) if config.variant == "fm" else None
+    tail = classifier_tail(model.net, layer) if config.variant == "fm" else None
     dataset = open_dataset(args.data, args.labels).subset(args.limit, args.seed)
     items = [item for item in dataset.items if item.label is not None]
     if not items:
@@ -92,19 +90,20 @@ def run(args: argparse.Namespace) -> int:
 
     generator = torch.Generator().manual_seed(config.seed)
     torch.manual_seed(config.seed)
-    squares = load_squares(model, items, console)
+    with Progress(console) as progress:
+        squares = lcam_train.load_squares(model, items, f"--data {args.data}", progress)
     labels = torch.tensor([item.label for item in items])
-    channels = lcam.layer_features(model, layer, crop_batch(model, squares[:1], None)).shape[1]
-    head = lcam.AttentionHead(channels, model.num_classes, init=config.head_init)
-    optimizer = lcam.make_optimizer(head, config)
+    channels = layer_features(model, layer, lcam_train.crop_batch(model, squares[:1], None)).shape[1]
+    head = AttentionHead(channels, model.num_classes, init=config.head_init)
+    optimizer = lcam_train.make_optimizer(head, config)
     out = Path(args.out)
     start_epoch = 0
     if args.init and not args.resume:
-        warm_start(Path(args.init), head, args.model, layer, console)
+        lcam_train.warm_start(Path(args.init), head, args.model, layer, console)
     if args.resume:
-        start_epoch = restore(out, head, optimizer, generator, args.model, layer, config, console)
+        start_epoch = lcam_train.restore(out, head, optimizer, generator, args.model, layer, config, console)
 
-    info = lcam.HeadInfo(
+    info = lcam_checkpoint.HeadInfo(
         model=args.model, layer=layer, variant=config.variant, num_classes=model.num_classes,
         in_channels=channels, command=command_line(args),
         seed=config.seed, data=f"{dataset.name} ({len(items)} images, subset {dataset.subset_hash})",
@@ -115,26 +114,28 @@ def run(args: argparse.Namespace) -> int:
 
     features = None
     if config.variant == "fm":
-        features, labels = cache_features(model, layer, squares, labels, config, console)
+        with Progress(console) as progress:
+            features, labels = lcam_train.cache_features(model, layer, squares, labels, config,
+                                                         progress)
     started = time.perf_counter()
-    with progress_bar(console) as progress:
-        task = progress.add_task("epoch", total=config.epochs, completed=start_epoch, status="")
+    with Progress(console) as progress:
+        bar = progress.bar("epoch", total=config.epochs, completed=start_epoch)
         for epoch in range(start_epoch, config.epochs):
-            stats = run_epoch(head, optimizer, config, model, tail, layer, squares, labels,
+            stats = lcam_train.run_epoch(head, optimizer, config, model, tail, layer, squares, labels,
                               features, generator, progress)
-            summary = lcam.mean_stats(stats)
-            progress.update(task, advance=1, status=(
+            summary = lcam_train.mean_stats(stats)
+            bar.advance(status=(
                 f"loss {summary['loss']:.3f} (ce {summary['ce']:.3f} area {summary['area']:.3f} "
                 f"tv {summary['tv']:.3f}) masked acc {summary['acc']:.3f}"))
             console.print(f"epoch {epoch + 1}/{config.epochs}: " + " ".join(
                 f"{k} {v:.4f}" for k, v in summary.items()), highlight=False)
             info.epochs_done = epoch + 1
             if (epoch + 1) % args.checkpoint_every == 0 or epoch + 1 == config.epochs:
-                lcam.save_checkpoint(out, head, info, training={
+                lcam_checkpoint.save_checkpoint(out, head, info, training={
                     "epoch": epoch + 1, "optimizer": optimizer.state_dict(),
                     "generator": generator.get_state(), "last": summary})
     if args.ship:
-        lcam.save_checkpoint(args.ship, head, info, half=True)
+        lcam_checkpoint.save_checkpoint(args.ship, head, info, half=True)
         console.print(f"wrote the compact head {args.ship}")
     console.print(f"wrote {out} after {time.perf_counter() - started:.0f} s of training")
     return 0
@@ -160,117 +161,6 @@ def command_line(args: argparse.Namespace) -> str:
 
 
 def build_model(name: str, weights: str | None) -> ClassifierHandle:
-    from xbench.plugins import build_registry
-
     registry = build_registry()
     loaded = registry.model(name)(weights=weights).load()
     return ClassifierHandle(loaded, name=name)
-
-
-def load_squares(model: ClassifierHandle, items, console: Console) -> torch.Tensor:
-    """uint8 (N, 3, S, S): resized short side, center S x S square, S = resize size (256)."""
-    size = model.loaded.resize_size
-    out = torch.empty(len(items), 3, size, size, dtype=torch.uint8)
-    with progress_bar(console) as progress:
-        task = progress.add_task("loading images", total=len(items), status="")
-        for i, item in enumerate(items):
-            try:
-                image = load_image(item.path, size, size)
-            except (OSError, ValueError) as exc:
-                raise UserError(f"cannot read training image {item.path}: {exc}") from exc
-            out[i] = image.mul(255).round().to(torch.uint8)
-            progress.advance(task)
-            log_line(console, "loading images", i + 1, len(items))
-    return out
-
-
-def crop_batch(model: ClassifierHandle, squares: torch.Tensor,
-               generator: torch.Generator | None) -> torch.Tensor:
-    from xbench_plugins.lcam import augmented_view
-
-    return augmented_view(squares.float().div_(255), model.input_size, generator)
-
-
-def cache_features(model, layer, squares, labels, config, console):
-    """fm: features of ``config.views`` views per image, computed once (frozen backbone)."""
-    from xbench_plugins.lcam import layer_features
-
-    view_generator = torch.Generator().manual_seed(config.seed + 1)
-    chunks, chunk_labels = [], []
-    with progress_bar(console) as progress:
-        task = progress.add_task("caching features", total=config.views * len(squares), status="")
-        for view in range(config.views):
-            for index in torch.arange(len(squares)).split(64):
-                images = crop_batch(model, squares[index], None if view == 0 else view_generator)
-                chunks.append(layer_features(model, layer, images))
-                chunk_labels.append(labels[index])
-                progress.advance(task, len(index))
-                log_line(console, "caching features", view * len(squares) + int(index[-1]) + 1,
-                         config.views * len(squares), len(index))
-    return torch.cat(chunks), torch.cat(chunk_labels)
-
-
-def run_epoch(head, optimizer, config, model, tail, layer, squares, labels, features, generator,
-              progress):
-    from xbench_plugins.lcam import batches, layer_features, train_step
-
-    count = len(features) if features is not None else len(squares)
-    task = progress.add_task("  batches", total=-(-count // config.batch_size), status="")
-    stats = []
-    for index in batches(count, config.batch_size, generator):
-        if features is not None:
-            stats.append(train_step(head, optimizer, config, labels[index], features[index], tail=tail))
-        else:
-            images = crop_batch(model, squares[index], generator)
-            feats = layer_features(model, layer, images)
-            with torch.enable_grad():
-                stats.append(train_step(head, optimizer, config, labels[index], feats,
-                                        model=model, images=images))
-        progress.update(task, advance=1, status=f"loss {stats[-1].loss:.3f}")
-        if features is None:  # img epochs are long: report batches too
-            log_line(progress.console, "  batches", len(stats), -(-count // config.batch_size))
-    progress.remove_task(task)
-    return stats
-
-
-def restore(out, head, optimizer, generator, model_name, layer, config, console) -> int:
-    from xbench_plugins.lcam import load_checkpoint
-
-    if not out.is_file():
-        raise UserError(f"--resume: {out} does not exist yet; drop --resume to start training")
-    loaded, info, training = load_checkpoint(out)
-    if (info.model, info.layer, info.variant) != (model_name, layer, config.variant):
-        raise UserError(f"--resume: {out} holds a {info.variant} head for {info.model} layer "
-                        f"{info.layer!r}, not {config.variant} for {model_name} layer {layer!r}")
-    if training is None:
-        raise UserError(f"--resume: {out} has no training state (a shipped head?); start afresh")
-    head.load_state_dict(loaded.state_dict())
-    optimizer.load_state_dict(training["optimizer"])
-    generator.set_state(training["generator"])
-    console.print(f"resuming from {out} after epoch {training['epoch']}")
-    return int(training["epoch"])
-
-
-def warm_start(path: Path, head, model_name: str, layer: str, console: Console) -> None:
-    from xbench_plugins.lcam import load_checkpoint
-
-    loaded, info, _ = load_checkpoint(path)
-    if (info.model, info.layer) != (model_name, layer) or loaded.conv.weight.shape != head.conv.weight.shape:
-        raise UserError(f"--init: {path} holds a head for {info.model} layer {info.layer!r}, "
-                        f"not for {model_name} layer {layer!r}")
-    head.load_state_dict(loaded.state_dict())
-    console.print(f"initialised the head from {path} ({info.variant}, {info.epochs_done} epochs)")
-
-
-def progress_bar(console: Console) -> Progress:
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[status]}"),
-                    console=console, transient=False, disable=not console.is_terminal)
-
-
-def log_line(console: Console, label: str, done: int, total: int, increment: int = 1) -> None:
-    """Plain progress lines (at each 10%) when stderr is not a terminal (background runs)."""
-    if console.is_terminal or total <= 0:
-        return
-    if (10 * done) // total > (10 * (done - increment)) // total:
-        console.print(f"{time.strftime('%H:%M:%S')} {label}: {done}/{total}", highlight=False)

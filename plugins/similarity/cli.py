@@ -21,9 +21,11 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from xbench import PROTOCOL_VERSION, __version__
-from xbench.cli.console import message_console, table_console
-from xbench.errors import UserError
+from xbench import (PROTOCOL_VERSION, ClassifierHandle, Progress, UserError, __version__,
+                    build_registry, load_labelled_images, message_console, open_dataset,
+                    table_console)
+from xbench_plugins import similarity as sim
+
 
 DESCRIPTION = """Per-neuron similarity values (Wang Xinyuan 2022, docs/protocol.md "Neuron similarity
 value"): the guided-backprop visualisation of every channel of the chosen layers, computed from
@@ -80,15 +82,10 @@ def add_arguments(parser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from xbench.cli import blocked_plugins
-    from xbench.model import ClassifierHandle
-    from xbench.plugins import build_registry
-    from xbench_plugins import similarity as sim
-
     console = message_console()
     started = time.perf_counter()
     _check_numbers(args)
-    registry = build_registry(blocked=blocked_plugins(args))
+    registry = build_registry(blocked=_blocked_plugins(args))
     for message in registry.load_errors:
         console.print(f"[yellow]warning:[/] {message}", highlight=False)
     if args.model == "digits-vgg" and not args.weights and not sim.default_digits_weights().exists():
@@ -108,10 +105,12 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     (out / "neurons").mkdir(parents=True, exist_ok=True)
     sim.plot_averages(averages, loaded.class_names, out / "averages.png")
-    with _progress(console) as progress:
+    with Progress(console, transient=True) as progress:
+        bar = progress.bar("guided backprop per neuron", log=False)
         table, visuals = sim.neuron_similarities(
             model, averages[args.average], layer_names, methods,
-            channel_batch=args.channel_batch, show=args.show, progress=progress)
+            channel_batch=args.channel_batch, show=args.show,
+            progress=lambda done, total: bar.update(completed=done, total=total))
     curves = sim.layer_curves(table)
     table.to_csv(out / "similarity.csv", index=False)
     curves.to_csv(out / "layer_curves.csv", index=False)
@@ -152,8 +151,6 @@ def _split(text: str) -> list[str]:
 
 def _datasets(args, loaded, model):
     """(images for the class averages, test images for pruning, description for run.json)."""
-    from xbench_plugins import similarity as sim
-
     if args.data == "digits":
         if loaded.input_size != sim.DIGITS_SIZE or model.num_classes != 10:
             raise UserError(f"--data digits needs a 10-class {sim.DIGITS_SIZE}-px model such as "
@@ -164,8 +161,6 @@ def _datasets(args, loaded, model):
         train, test = sim.digits_data()
         return train, test, {"data": "sklearn digits (train split: averages; test split: "
                                      "pruning)", "train": len(train.labels), "test": len(test.labels)}
-    from xbench.data import open_dataset
-
     dataset = open_dataset(args.data, args.labels)
     wanted = None
     if args.classes:  # decode only the images the class averages need
@@ -174,35 +169,35 @@ def _datasets(args, loaded, model):
         except ValueError:
             raise UserError(f"--classes {args.classes}: expected comma-separated class "
                             "indices") from None
-    source = _load([i for i in dataset.items if wanted is None or i.label in wanted], loaded)
+    source = _load([i for i in dataset.items if wanted is None or i.label in wanted], loaded,
+                   f"--data {args.data}")
     test_set = open_dataset(args.test_data) if args.test_data else dataset
     test_set = test_set.subset(args.limit, args.seed)
-    test = _load(test_set.items, loaded)
+    test = _load(test_set.items, loaded,
+                 f"--test-data {args.test_data}" if args.test_data else f"--data {args.data}")
     return source, test, {"data": dataset.root, "layout": dataset.layout,
                           "subset_hash": dataset.subset_hash, "test_data": test_set.root,
                           "test_subset_hash": test_set.subset_hash, "test": len(test.labels)}
 
 
-def _load(items, loaded):
-    """Labelled images as uint8 (N, 3, S, S) (4x less memory than float; exact for 8-bit files)."""
-    from xbench.data import load_image
-    from xbench_plugins.similarity import ImageSplit
+def _load(items, loaded, source: str):
+    """Labelled images as uint8 (N, 3, S, S) (4x less memory than float; exact for 8-bit files);
+    unreadable files are skipped with a note."""
+    read = load_labelled_images(items, loaded.resize_size, loaded.input_size, source=source,
+                                skip_unreadable=True)
+    for path, reason in read.unreadable:
+        message_console().print(f"[yellow]skipped[/] {path}: {reason}", highlight=False)
+    return sim.ImageSplit(read.images, read.labels)
 
-    images, labels = [], []
-    for item in items:
-        if item.label is None:
-            continue
-        try:
-            image = load_image(item.path, loaded.resize_size, loaded.input_size)
-        except (OSError, ValueError) as exc:
-            message_console().print(f"[yellow]skipped[/] {item.path}: {exc}", highlight=False)
-            continue
-        images.append(image.mul(255).round().to(torch.uint8))
-        labels.append(item.label)
-    if not images:
-        raise UserError("no labelled, readable images in the data (labels are needed for class "
-                        "averages and accuracy)")
-    return ImageSplit(torch.stack(images), torch.tensor(labels))
+
+def _blocked_plugins(args: argparse.Namespace) -> list[str]:
+    """The plugins ``-p no:NAME`` blocks: the analysis loads its model with them blocked too."""
+    blocked = []
+    for option in getattr(args, "plugin_options", []):
+        if not option.startswith("no:"):
+            raise UserError(f"-p {option}: only '-p no:NAME' (block plugin NAME) is supported")
+        blocked.append(option[3:])
+    return blocked
 
 
 def _classes(text: str | None, source, num_classes: int) -> list[int]:
@@ -223,8 +218,6 @@ def _classes(text: str | None, source, num_classes: int) -> list[int]:
 
 def _averages(model, source, classes, args) -> dict[str, dict[int, torch.Tensor]]:
     """{kind: {class: (3, H, W)}} for the kinds of class average image."""
-    from xbench_plugins import similarity as sim
-
     out: dict[str, dict[int, torch.Tensor]] = {kind: {} for kind in sim.AVERAGE_KINDS}
     for cls in classes:
         images = source.images[source.labels == cls]
@@ -237,21 +230,6 @@ def _averages(model, source, classes, args) -> dict[str, dict[int, torch.Tensor]
             out["network"][cls] = sim.network_driven_average(
                 model, out["simple"][cls].to(model.device), cls, steps=args.ascent_steps).cpu()
     return out
-
-
-class _progress:
-    def __init__(self, console: Console) -> None:
-        from rich.progress import Progress
-
-        self.bar = Progress(console=console, transient=True)
-
-    def __enter__(self):
-        self.bar.start()
-        self.task = self.bar.add_task("guided backprop per neuron", total=None)
-        return lambda done, total: self.bar.update(self.task, completed=done, total=total)
-
-    def __exit__(self, *exc):
-        self.bar.stop()
 
 
 def _write_extremes(visuals, path: Path) -> None:

@@ -12,7 +12,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from xbench.errors import UserError
+from xbench import UserError
+
 
 Z95 = 1.959963984540054  # standard normal 0.975 quantile
 
@@ -213,7 +214,7 @@ def plot_sweep(table: dict[str, Any], path: str | Path, epoch_lambda: float | No
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m xbench_plugins.mutual_transfer_report TABLE1_JSON OUT_PNG [LAMBDA]``."""
+    """``python -m xbench_plugins.mutual_transfer.report TABLE1_JSON OUT_PNG [LAMBDA]``."""
     import json
     import sys
 

@@ -1,14 +1,14 @@
 """``xbench train mutual-transfer``: two students with local attention map mutual transfer.
 
 Cheng, Wang, Cui, Zhan, Computer Science 49(5):64-70, 2022; the method lives in
-``xbench_plugins.mutual_transfer``. This module turns datasets into in-memory image sets,
-runs (and resumes) the training with progress on stderr, and writes checkpoints that the
+``xbench_plugins.mutual_transfer``. This module runs (and resumes) the training on the images
+of ``data`` with progress on stderr, and writes checkpoints that the
 ``mutual-transfer`` Model plugin reads (``--model mutual-transfer --checkpoint CKPT --member st1``).
 
 ``--compare`` trains the rows of the paper's Table 1 from the same starting point
 (independent training = beta 0, global transfer = lambda -1, local transfer at each of
 ``--lambdas``) and prints their held-out accuracies with intervals, the kept-region fractions
-and paired tests between regimes (``xbench_plugins.mutual_transfer_report``).
+and paired tests between regimes (``xbench_plugins.mutual_transfer.report``).
 """
 
 from __future__ import annotations
@@ -22,24 +22,23 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from rich.console import Console
-from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
-                           TimeRemainingColumn)
 from rich.table import Table
 
-from xbench.cli.console import table_console
-from xbench.errors import UserError
+from xbench import Progress, UserError, table_console
+from xbench_plugins.mutual_transfer.checkpoint import load_students, save_checkpoint
+from xbench_plugins.mutual_transfer.data import load_data
+from xbench_plugins.mutual_transfer.losses import parse_grid
+from xbench_plugins.mutual_transfer.report import bits, paired_tests, parse_lambdas, regime_name, sweep_row
+from xbench_plugins.mutual_transfer.students import ARCHS, SMALL_ARCHS, build_student
+from xbench_plugins.mutual_transfer.trainer import (MutualTrainer, TrainConfig, correct_predictions,
+                                                    epoch_batches, pretrain)
 
-BUILTIN_DATA = ("digits", "cifar10", "cifar100")
-DIGITS_TEST_FRACTION = 0.3
-DIGITS_SPLIT_SEED = 0  # fixed: --seed varies training only, never which digits are held out
+
 DEFAULT_LAMBDAS = "0.5,0.6,0.7,0.8,0.85,0.9,0.99"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from xbench_plugins.mutual_transfer import ARCHS
-
     parser.description = (
         "Train ST1 (with prior knowledge) and ST2 together; regions of their attention maps whose "
         "Pearson correlation exceeds --lambda transfer in both directions (Cheng et al. 2022).")
@@ -96,140 +95,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, metavar="N", help="torch CPU threads")
 
 
-# ---------------------------------------------------------------------------------------------
-# Data
-# ---------------------------------------------------------------------------------------------
-
-def load_digits_split() -> tuple[Any, Any]:
-    """scikit-learn's 1797 8x8 digits, upsampled to 32x32 (bilinear), greyscale copied to RGB,
-    split 70/30 stratified with a fixed seed."""
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
-
-    from xbench_plugins.mutual_transfer import ImageSet
-
-    digits = load_digits()
-    pixels = torch.tensor(digits.images, dtype=torch.float32)[:, None] / 16.0  # values 0..16
-    pixels = F.interpolate(pixels, size=(32, 32), mode="bilinear", align_corners=False)
-    images = (pixels.clamp(0, 1) * 255).round().to(torch.uint8).expand(-1, 3, -1, -1).contiguous()
-    labels = torch.tensor(digits.target, dtype=torch.long)
-    train_idx, test_idx = train_test_split(torch.arange(len(labels)).numpy(), test_size=DIGITS_TEST_FRACTION,
-                                           stratify=labels.numpy(), random_state=DIGITS_SPLIT_SEED)
-    names = tuple(str(i) for i in range(10))
-    return (ImageSet(images[train_idx], labels[train_idx], names, "digits-train"),
-            ImageSet(images[test_idx], labels[test_idx], names, "digits-test"))
-
-
-def load_cifar(name: str, root: str) -> tuple[Any, Any]:
-    """CIFAR-10/100 through torchvision from ``root`` (download=False: never a network call)."""
-    import torchvision
-
-    from xbench_plugins.mutual_transfer import ImageSet
-
-    cls = torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100
-    folder = "cifar-10-batches-py" if name == "cifar10" else "cifar-100-python"
-    sets = []
-    for train in (True, False):
-        try:
-            ds = cls(root, train=train, download=False)
-        except RuntimeError as exc:
-            raise UserError(
-                f"--data {name}: not found under --data-root {root} (expected {Path(root) / folder}). "
-                f"xbench never downloads it during training; on a machine with internet run "
-                f"python -c \"import torchvision; torchvision.datasets.{cls.__name__}('{root}', "
-                f"download=True)\" and copy the folder here ({exc})") from None
-        images = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()
-        sets.append(ImageSet(images, torch.tensor(ds.targets, dtype=torch.long), tuple(ds.classes),
-                             f"{name}-{'train' if train else 'test'}", flip=True))
-    return sets[0], sets[1]
-
-
-def _class_names(dataset: Any) -> tuple[str, ...]:
-    from xbench.imagenet import class_names
-
-    if dataset.layout.startswith("class folders (sorted names)"):
-        root = Path(dataset.root)
-        return tuple(sorted(p.name for p in root.iterdir() if p.is_dir()))
-    if "ImageNet" in dataset.layout or "wnid" in dataset.layout or dataset.is_ilsvrc_val:
-        return class_names()
-    labels = [i.label for i in dataset.items if i.label is not None]
-    return tuple(str(i) for i in range(max(labels) + 1))
-
-
-def load_folder(path: str, resize_size: int, crop_size: int, limit: int | None, seed: int,
-                class_names: tuple[str, ...] | None, console: Console) -> Any:
-    """An image folder (any layout xbench.data.open_dataset understands) as an in-memory ImageSet.
-
-    Images are read with the protocol's resize/center-crop (short side ``resize_size``, crop
-    ``crop_size``); unlabelled files are skipped with a note.
-    """
-    from xbench.data import load_image, open_dataset
-    from xbench_plugins.mutual_transfer import ImageSet
-
-    dataset = open_dataset(path).subset(limit, seed)
-    names = class_names or _class_names(dataset)
-    items = [i for i in dataset.items if i.label is not None]
-    if not items:
-        raise UserError(f"--data {path}: no labelled images ({dataset.layout}); use class folders "
-                        "or a labels.csv with columns file,label")
-    if len(items) < len(dataset.items):
-        console.print(f"[yellow]note[/]: {len(dataset.items) - len(items)} unlabelled images in {path} skipped")
-    bad = [i.id for i in items if i.label >= len(names)]
-    if bad:
-        raise UserError(f"--data {path}: labels of {bad[:3]} exceed the {len(names)} classes of the training data")
-    images = torch.empty(len(items), 3, crop_size, crop_size, dtype=torch.uint8)
-    with _progress(console) as progress:
-        task = progress.add_task(f"reading {Path(path).name}", total=len(items), stats="")
-        for k, item in enumerate(items):
-            try:
-                images[k] = (load_image(item.path, resize_size, crop_size) * 255).round().to(torch.uint8)
-            except (OSError, ValueError) as exc:
-                raise UserError(f"--data {path}: cannot read {item.path}: {exc}") from exc
-            progress.advance(task)
-    labels = torch.tensor([i.label for i in items], dtype=torch.long)
-    return ImageSet(images, labels, names, Path(path).name, flip=True)
-
-
-def load_data(args: argparse.Namespace, students_input: tuple[int, int], console: Console) -> tuple[Any, Any]:
-    """(train set, evaluation set or None) for ``--data`` / ``--val-data``."""
-    if args.data == "digits":
-        train, test = load_digits_split()
-    elif args.data in ("cifar10", "cifar100"):
-        train, test = load_cifar(args.data, args.data_root)
-    else:
-        resize, crop = students_input
-        train = load_folder(args.data, resize, crop, args.limit, args.seed, None, console)
-        test = None
-        if args.val_data:
-            test = load_folder(args.val_data, resize, crop, args.val_limit, 0, train.class_names, console)
-        return train, test
-    if args.val_data:
-        raise UserError(f"--val-data is for folder datasets; --data {args.data} has its own test split")
-    return _limit(train, args.limit, args.seed), _limit(test, args.val_limit, 0)
-
-
-def _limit(data: Any, limit: int | None, seed: int) -> Any:
-    if limit is None or limit >= len(data):
-        return data
-    if limit <= 0:
-        raise UserError(f"--limit/--val-limit must be positive, got {limit}")
-    index = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))[:limit].sort().values
-    return type(data)(data.images[index], data.labels[index], data.class_names, data.name, data.flip)
-
-
-# ---------------------------------------------------------------------------------------------
-# Runs
-# ---------------------------------------------------------------------------------------------
-
-def _progress(console: Console) -> Progress:
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[stats]}"),
-                    console=console, transient=False)
-
-
 def make_config(args: argparse.Namespace, lam: float | None = None, beta: float | None = None) -> Any:
-    from xbench_plugins.mutual_transfer import SMALL_ARCHS, TrainConfig, parse_grid
-
     small_st1 = args.st1 in SMALL_ARCHS
     both_small = small_st1 and args.st2 in SMALL_ARCHS
     pretrain = args.pretrain_epochs if args.pretrain_epochs is not None else (2 if small_st1 else 0)
@@ -248,19 +114,17 @@ def make_config(args: argparse.Namespace, lam: float | None = None, beta: float 
 
 def initial_students(config: Any, train: Any, console: Console) -> tuple[dict[str, Any], list[dict]]:
     """ST1 (ImageNet weights, or ``pretrain_epochs`` of CE on the training data) and a seeded ST2."""
-    from xbench_plugins.mutual_transfer import build_student, pretrain
-
     n = len(train.class_names)
     st1 = build_student(config.st1, n, pretrained=True, seed=config.seed)
     st2 = build_student(config.st2, n, pretrained=True, seed=config.seed + 1)
     history: list[dict] = []
     if config.pretrain_epochs:
         steps = config.pretrain_epochs * -(-len(train) // config.batch_size)
-        with _progress(console) as progress:
-            task = progress.add_task("pretrain ST1 (prior knowledge)", total=steps, stats="")
+        with Progress(console) as progress:
+            bar = progress.bar("pretrain ST1 (prior knowledge)", total=steps)
 
             def on_step(_phase: str, epoch: int, row: dict[str, float]) -> None:
-                progress.update(task, advance=1, stats=f"ep {epoch} loss {row['loss_st1']:.3f}")
+                bar.advance(status=f"ep {epoch} loss {row['loss_st1']:.3f}")
 
             history = pretrain(st1, train, config, on_step)
     return {"st1": st1, "st2": st2}, history
@@ -268,14 +132,11 @@ def initial_students(config: Any, train: Any, console: Console) -> tuple[dict[st
 
 def evaluate_both(students: dict[str, Any], data: Any, console: Console, label: str) -> dict[str, Any]:
     """top1_st1/st2 and correct_st1/st2 (per-image '0'/'1' strings, for paired tests)."""
-    from xbench_plugins.mutual_transfer import correct_predictions
-    from xbench_plugins.mutual_transfer_report import bits
-
     out: dict[str, Any] = {}
-    with _progress(console) as progress:
+    with Progress(console) as progress:
         for name, student in students.items():
-            task = progress.add_task(f"{label}: top-1 {name} on {data.name}", total=len(data), stats="")
-            hits = correct_predictions(student, data, on_batch=lambda n, t=task: progress.advance(t, n))
+            bar = progress.bar(f"{label}: top-1 {name} on {data.name}", total=len(data), log=False)
+            hits = correct_predictions(student, data, on_batch=bar.advance)
             out[f"top1_{name}"] = int(hits.sum()) / max(len(data), 1)
             out[f"correct_{name}"] = bits(hits.tolist())
     return out
@@ -288,8 +149,6 @@ def train_run(config: Any, start: dict[str, Any] | None, pre_history: list[dict]
 
     ``before``: accuracies of ``start`` on ``test`` when already known (runs sharing a start).
     """
-    from xbench_plugins.mutual_transfer import MutualTrainer, epoch_batches, load_students, save_checkpoint
-
     steps = len(epoch_batches(len(train), config.batch_size, 0))
     if resume and out.is_file():
         students, payload = load_students(out)
@@ -311,11 +170,11 @@ def train_run(config: Any, start: dict[str, Any] | None, pre_history: list[dict]
         save_checkpoint(out, students, train.class_names, trainer.state())
     while trainer.epoch < config.epochs:
         t0 = time.perf_counter()
-        with _progress(console) as progress:
-            task = progress.add_task(f"{tag}epoch {trainer.epoch + 1}/{config.epochs}", total=steps, stats="")
+        with Progress(console) as progress:
+            bar = progress.bar(f"{tag}epoch {trainer.epoch + 1}/{config.epochs}", total=steps)
 
             def on_step(_phase: str, _epoch: int, row: dict[str, float]) -> None:
-                progress.update(task, advance=1, stats=(
+                bar.advance(status=(
                     f"L1 {row['loss_st1']:.3f} L2 {row['loss_st2']:.3f} kept {row['kept']:.0%}"))
 
             row = trainer.train_epoch(train, on_step)
@@ -337,8 +196,6 @@ def _summary(result: dict[str, Any]) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from xbench_plugins.mutual_transfer import build_student
-
     if args.threads:
         torch.set_num_threads(args.threads)
     console = Console(stderr=True)
@@ -372,9 +229,6 @@ def run(args: argparse.Namespace) -> int:
 def _compare(args: argparse.Namespace, train: Any, test: Any, out: Path, console: Console) -> int:
     """Table 1 of the paper as a lambda sweep: independent (beta 0), global (lambda -1) and local
     transfer at each of --lambdas, all from one starting point, evaluated on the same images."""
-    from xbench_plugins.mutual_transfer import load_students, save_checkpoint
-    from xbench_plugins.mutual_transfer_report import paired_tests, parse_lambdas, regime_name, sweep_row
-
     if test is None:
         raise UserError("--compare needs an evaluation set: use --data digits/cifar* or --val-data PATH")
     lambdas = parse_lambdas(args.lambdas)

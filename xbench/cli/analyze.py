@@ -1,0 +1,47 @@
+"""``xbench analyze RUN``: rank stability of a run. The explainers' ranks per metric column with
+bootstrap rank intervals (images resampled, seeded), Kendall's tau between the rankings of every
+pair of columns, and the explainer pairs whose order flips between protocol variants of one
+metric (docs/protocol.md "Rank stability"); ``--output`` writes a heatmap PNG of the taus."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from xbench.cli.console import message_console
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser("analyze", help="rank stability: bootstrap rank intervals, "
+                              "Kendall's tau between columns and protocol variants",
+                              description=__doc__)
+    p.add_argument("run", help="run folder (the one holding run.json)")
+    p.add_argument("--seed", type=int, help="bootstrap seed (default: the run's seed)")
+    p.add_argument("--resamples", type=int, default=2000, help="bootstrap resamples")
+    p.add_argument("--include-cost", action="store_true",
+                   help="rank the cost columns (passes, time) too")
+    p.add_argument("--output", help="PNG heatmap of the tau matrix to write")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from xbench.analyze import analyze, draw_tau_heatmap, format_text
+    from xbench.cli.plot import open_run
+    from xbench.errors import UserError
+    from xbench.leaderboard import run_frame
+
+    if args.resamples < 1:
+        raise UserError(f"--resamples must be >= 1, got {args.resamples}")
+    folder = open_run(args.run)
+    header = folder.header()
+    seed = header.config.get("seed", 0) if args.seed is None else args.seed
+    result = analyze(run_frame(folder), seed=seed, resamples=args.resamples,
+                     include_cost=args.include_cost)
+    if not result.columns:
+        raise UserError(f"{args.run}: no column with at least two explainers to rank")
+    print(format_text(result), end="")
+    if args.output:
+        path = draw_tau_heatmap(result.tau, Path(args.output),
+                                f"{header.run_name}: Kendall's tau between metric rankings")
+        message_console().print(f"wrote {path}", highlight=False)
+    return 0

@@ -1,0 +1,129 @@
+"""Sanity gates: an explainer that does not beat the controls, or fails model randomisation.
+
+Two gates, both defined in docs/protocol.md "Sanity gates":
+
+- **controls**: on a scored column, explainer E *beats* control C when the 95% paired
+  bootstrap interval of the mean per-image difference, oriented so that positive is better
+  (E - C when higher is better, C - E when lower is better), lies above 0; the images are
+  those both scored (same images, same targets). E passes the gate on the column when it beats
+  every control the run holds (``random`` and ``centre-gaussian``, :data:`CONTROLS`); with
+  fewer than 2 common images no claim is made. Controls are not gated; cost columns
+  (:data:`UNGATED_METRICS`) are not either: a control costs nothing, and a cost is not a claim
+  about faithfulness.
+- **model randomisation** (Adebayo et al., "Sanity Checks for Saliency Maps", NeurIPS 2018):
+  on a column of a metric whose name says randomisation (``model-randomisation``...), whose
+  values are the similarity of each map to the map of the weight-randomised model (direction
+  ``lower``; or a dissimilarity, ``higher``), E *fails* when the 95% bootstrap interval of its
+  mean lies wholly on the wrong side of :data:`RANDOMISATION_THRESHOLD`: the map keeps, with 95%
+  confidence, more than half of its structure when the model it explains is destroyed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from xbench.stats import bootstrap_ci
+
+CONTROLS = ("random", "centre-gaussian")
+#: cost columns: every explainer spends more passes and seconds than a control
+UNGATED_METRICS = frozenset({"forward-passes", "backward-passes", "time"})
+#: half of a similarity in [0, 1] (rank correlation, SSIM): see the module docstring
+RANDOMISATION_THRESHOLD = 0.5
+#: footnote marks of the leaderboard cells
+CONTROL_MARK = "†"
+RANDOMISATION_MARK = "‡"
+LEGEND = (f"{CONTROL_MARK}: does not beat the {' and '.join(CONTROLS)} controls on this column "
+          f"(paired bootstrap, 95%); {RANDOMISATION_MARK}: fails the model-randomisation check "
+          "(docs/protocol.md \"Sanity gates\").")
+
+
+@dataclass(frozen=True)
+class GateFailure:
+    explainer: str
+    layer: str
+    column: str
+    #: the controls it does not beat (empty for a randomisation failure)
+    controls: tuple[str, ...] = ()
+    randomisation: bool = False
+
+    @property
+    def mark(self) -> str:
+        return RANDOMISATION_MARK if self.randomisation else CONTROL_MARK
+
+
+def is_randomisation_metric(metric: str) -> bool:
+    return "randomis" in metric or "randomiz" in metric
+
+
+def beats(values: np.ndarray, control: np.ndarray, direction: str, seed: int = 0) -> bool:
+    """Whether ``values`` beat ``control`` (paired per image): the 95% paired bootstrap
+    interval of the oriented mean difference lies above 0."""
+    difference = np.asarray(values, np.float64) - np.asarray(control, np.float64)
+    if direction == "lower":
+        difference = -difference
+    low, _ = bootstrap_ci(difference, seed=seed)
+    return bool(low > 0)
+
+
+def fails_randomisation(values: np.ndarray, direction: str, seed: int = 0,
+                        threshold: float = RANDOMISATION_THRESHOLD) -> bool:
+    """Whether the 95% bootstrap interval of the mean lies wholly on the wrong side of
+    ``threshold`` (above it for a similarity, below it for a dissimilarity)."""
+    low, high = bootstrap_ci(np.asarray(values, np.float64), seed=seed)
+    return bool(low > threshold) if direction == "lower" else bool(high < threshold)
+
+
+def _scored(frame: pd.DataFrame) -> pd.DataFrame:
+    return frame[(frame.explainer != "") & (frame.status == "ok") & frame.value.notna()
+                 & frame.direction.isin(["higher", "lower"])]
+
+
+def evaluate(frame: pd.DataFrame, seed: int = 0, controls: tuple[str, ...] = CONTROLS,
+             threshold: float = RANDOMISATION_THRESHOLD) -> list[GateFailure]:
+    """The gate failures of a run's rows (``xbench.leaderboard.rows_frame``), sorted by
+    explainer, layer and column."""
+    scored = _scored(frame)
+    present = [c for c in controls if c in set(scored.explainer)]
+    per_image = {}
+    for control in present:  # a control's map ignores the layer: one value per image
+        rows = scored[scored.explainer == control]
+        per_image[control] = rows.groupby(["column", "image"]).value.mean()
+    out = []
+    for (explainer, layer, column), cell in scored.groupby(["explainer", "layer", "column"],
+                                                           sort=True):
+        metric, direction = cell.metric.iloc[0], cell.direction.iloc[0]
+        if is_randomisation_metric(metric):
+            if len(cell) >= 2 and fails_randomisation(cell.value.to_numpy(), direction, seed,
+                                                      threshold):
+                out.append(GateFailure(explainer, layer, column, randomisation=True))
+            continue
+        if explainer in controls or metric in UNGATED_METRICS:
+            continue
+        values = cell.groupby("image").value.mean()
+        lost = []
+        for control in present:
+            if column not in per_image[control].index.get_level_values(0):
+                continue
+            reference = per_image[control].loc[column]
+            common = values.index.intersection(reference.index)
+            if len(common) < 2:
+                continue
+            if not beats(values.loc[common].to_numpy(), reference.loc[common].to_numpy(),
+                         direction, seed):
+                lost.append(control)
+        if lost:
+            out.append(GateFailure(explainer, layer, column, controls=tuple(lost)))
+    return out
+
+
+def mark_matrix(frame: pd.DataFrame, table: pd.DataFrame, seed: int = 0) -> pd.DataFrame:
+    """``table`` (``xbench.leaderboard.matrix``) with a ``gate`` column: the footnote mark of
+    each failing cell, '' elsewhere."""
+    marks = {(f.explainer, f.layer, f.column): f.mark for f in evaluate(frame, seed)}
+    table = table.copy()
+    table["gate"] = [marks.get(key, "") for key in zip(table.explainer, table.layer,
+                                                       table.column)] if len(table) else []
+    return table
