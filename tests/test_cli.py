@@ -145,6 +145,9 @@ COMMANDS = {
     "leaderboard": (["leaderboard"], True),
     "plugins": (["plugins"], False),
     "check": (["check", RUN_DIR], False),
+    "verify": (["verify", RUN_DIR], False),
+    "analyze": (["analyze", RUN_DIR], True),
+    "plot pareto": (["plot", "pareto", RUN_DIR, "--metric", "insertion"], True),
 }
 TAKES_PLUGIN_OPTIONS = {"run", "explain"}
 

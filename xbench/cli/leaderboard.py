@@ -36,7 +36,7 @@ def add_parser(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     results = Path(args.results)
     if not results.is_dir():
-        raise UserError(f"{results}: no such results folder (xbench run --out {results} makes one)")
+        raise UserError(f"{results}: no such results folder (xbench run --output {results} makes one)")
     console = message_console()
     if args.check and args.output:
         raise UserError("--check compares the leaderboard in the results folder; leave out "

@@ -63,12 +63,17 @@ def add_layers(plots) -> None:
 
 
 def add_pareto(plots) -> None:
-    p = plots.add_parser("pareto", help="passes per image against a column's score, with the "
-                                        "Pareto front")
+    p = plots.add_parser(
+        "pareto", help="passes per image against a column's score, with the Pareto front",
+        description="Forward and backward passes per image against one column's score (with "
+                    "its interval), and the Pareto front of the explainers.",
+        epilog=examples("xbench plot pareto RUN --metric insertion@step=3136",
+                        "xbench plot pareto RUN --metric deletion --output pareto.png"))
     p.add_argument("run", help="run folder with forward-passes and backward-passes rows")
     p.add_argument("--metric", required=True, help="column, e.g. insertion@step=3136 (or a "
                    "metric name with one variant)")
-    p.add_argument("-o", "--output", help="PNG to write (default: RUN/pareto.png)")
+    add_plugin_options(p, takes_options=False)
+    add_output_option(p, "PNG to write (default: RUN/pareto.png)", metavar="FILE")
     p.set_defaults(func=run_pareto)
 
 
