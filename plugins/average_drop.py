@@ -57,6 +57,14 @@ class _RetentionMetric(Metric):
         # the score keys already name the retention and a non-default masking (see _variant)
         return ""
 
+    @classmethod
+    def expected_passes(cls, options, facts):
+        """One forward per retention level, shared by Average Drop and Increase; none for a
+        binary r = 100% (the image is unchanged, see :func:`masked_probabilities`)."""
+        levels = [r for r in options.retentions if not (options.masking == "binary" and r == 1)]
+        return xbench.Passes(len(levels), shared=f"average-drop/masked:{options.retentions}:"
+                                                 f"{options.masking}")
+
     def score(self, batch):
         masked = masked_probabilities(batch, self.options.retentions, self.options.masking)
         return {_variant(r, self.options.masking): self.per_image(batch.clean_probs, masked[r])

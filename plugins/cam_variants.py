@@ -74,6 +74,7 @@ def eigen_projection(features: torch.Tensor, sign: str = "max-abs",
 class _CAMVariant(Explainer):
     needs_gradients = True
     library = "xbench"
+    passes = xbench.Passes(1, 1)
 
 
 class XGradCAM(_CAMVariant):
@@ -127,6 +128,7 @@ class EigenCAM(_CAMVariant):
     name = "eigencam"
     needs_gradients = False
     summary = "EigenCAM: first principal component of the activations, class-agnostic (1 F)"
+    passes = xbench.Passes(1)
     Options = EigenOptions
 
     def explain(self, model, images, targets):
@@ -172,6 +174,12 @@ class AblationCAM(_CAMVariant):
     # inside it, so the hook-free engine cannot run it): 1281 per image at EfficientNet-Lite0's
     # default layer; the quick profile ablates the 128 most active channels (as Score-CAM's)
     profiles = {"quick": {"max_channels": 128}}
+
+    @classmethod
+    def expected_passes(cls, options, facts):
+        if facts.channels is None:
+            return None
+        return xbench.Passes(1 + min(options.max_channels or facts.channels, facts.channels))
 
     def explain(self, model, images, targets):
         module = model.layer(self.layer)

@@ -147,6 +147,7 @@ class CaptumGradient(Explainer):
     library = "captum"
     #: whether captum draws random numbers (then images are attributed one by one, seeded)
     stochastic = False
+    passes = xbench.Passes(1, 1)  # saliency, input x gradient, deconvolution
 
     Options = GradientOptions
 
@@ -209,6 +210,10 @@ class IntegratedGradientsMap(CaptumGradient):
 
     profiles = {"quick": {"steps": 16}}
 
+    @classmethod
+    def expected_passes(cls, options, facts):
+        return xbench.Passes(options.steps, options.steps)
+
     def attribute(self, model, images, targets):
         chunk = self.options.batch_size or masked_batch_size(images.device)
         return IntegratedGradients(model).attribute(
@@ -234,6 +239,10 @@ class SmoothGradMap(CaptumGradient):
     nt_type = "smoothgrad"
     Options = NoiseOptions
     profiles = {"quick": {"samples": 10}}
+
+    @classmethod
+    def expected_passes(cls, options, facts):
+        return xbench.Passes(options.samples, options.samples)
 
     def attribute(self, model, images, targets):
         chunk = self.options.batch_size or masked_batch_size(images.device)
@@ -265,6 +274,10 @@ class GradientShapMap(CaptumGradient):
                                      "0)", minimum=0.0)
 
     profiles = {"quick": {"samples": 10}}
+
+    @classmethod
+    def expected_passes(cls, options, facts):
+        return xbench.Passes(options.samples, options.samples)
 
     def attribute(self, model, images, targets):
         return GradientShap(model).attribute(
@@ -306,6 +319,7 @@ class DeepLiftMap(CaptumGradient):
     name = "deeplift"
     summary = "DeepLIFT (rescale rule), captum DeepLift extended to ReLU6 & co (2 F + 2 B)"
     Options = BaselineOptions
+    passes = xbench.Passes(2, 2)
 
     def attribute(self, model, images, targets):
         for name, module in model.net.named_modules():

@@ -149,6 +149,12 @@ class OcclusionMap(CaptumPerturbation):
 
     profiles = {"quick": {"window": 32, "stride": 32}}
 
+    @classmethod
+    def expected_passes(cls, options, facts):
+        height, width = facts.input_size
+        w, s = options.window, options.stride
+        return xbench.Passes(1 + ((height - w) // s + 1) * ((width - w) // s + 1))
+
     def windows(self, height: int, width: int) -> int:
         w, s = self.options.window, self.options.stride
         return ((height - w) // s + 1) * ((width - w) // s + 1)
@@ -172,6 +178,13 @@ class FeatureAblationMap(CaptumPerturbation):
     summary = "Feature ablation: score drop per removed segment, captum FeatureAblation (1 + segments F)"
     Options = SegmentOptions
     profiles = {"quick": {"n_segments": 25}}
+
+    @classmethod
+    def expected_passes(cls, options, facts):
+        if options.segments == "patches":
+            height, width = facts.input_size
+            return xbench.Passes(1 + -(-height // options.patch) * -(-width // options.patch))
+        return xbench.Passes(1 + options.n_segments, bound="about")  # SLIC's count varies
 
     def attribute(self, model, image, target):
         return FeatureAblation(self.forward_func(model)).attribute(
@@ -203,6 +216,10 @@ class LimeMap(CaptumPerturbation):
 
     profiles = {"quick": {"samples": 100}}
 
+    @classmethod
+    def expected_passes(cls, options, facts):
+        return xbench.Passes(options.samples)
+
     def attribute(self, model, image, target):
         lime = Lime(self.forward_func(model),
                     interpretable_model=SkLearnLasso(alpha=self.options.lasso_alpha))
@@ -221,6 +238,10 @@ class KernelShapMap(CaptumPerturbation):
     stochastic = True
     Options = SampledOptions
     profiles = {"quick": {"samples": 100}}
+
+    @classmethod
+    def expected_passes(cls, options, facts):
+        return xbench.Passes(options.samples)
 
     def attribute(self, model, image, target):
         return KernelShap(self.forward_func(model)).attribute(

@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 
 from xbench import Metric, hookimpl
+from xbench import Passes
 
 
 def gini(maps: torch.Tensor) -> torch.Tensor:
@@ -49,6 +50,7 @@ class Sparseness(Metric):
     name = "sparseness"
     direction = "higher"
     family = "complexity"
+    passes = Passes(0)  # reads the map only
     unit = "Gini"
     summary = "sparseness (Chalasani 2020): Gini index of the map"
 
@@ -60,6 +62,7 @@ class Complexity(Metric):
     name = "entropy-complexity"
     direction = "lower"
     family = "complexity"
+    passes = Passes(0)  # reads the map only
     unit = "nats"
     summary = "complexity (Bhatt 2020): entropy of the map as a distribution"
 

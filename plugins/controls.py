@@ -56,6 +56,7 @@ class RandomControl(Explainer):
     uses_layer = False
     library = "xbench"
     summary = "Control: seeded uniform noise, one map per image (0 passes)"
+    passes = xbench.Passes(0)
 
     def explain(self, model, images, targets):
         _, _, height, width = images.shape
@@ -81,6 +82,7 @@ class CentreGaussian(Explainer):
     uses_layer = False
     library = "xbench"
     summary = "Control: isotropic Gaussian at the image centre, the same for every image (0 passes)"
+    passes = xbench.Passes(0)
 
     class Options(xbench.Options):
         sigma: float = xbench.option(0.25, "standard deviation as a fraction of the image's "
@@ -113,6 +115,7 @@ class SobelControl(Explainer):
     uses_layer = False
     library = "xbench"
     summary = "Control: Sobel edge magnitude of the image, model-independent (0 passes)"
+    passes = xbench.Passes(0)
 
     class Options(xbench.Options):
         channels: str = xbench.option("luma", "edges of the BT.601 luma, or the max over R, G, "

@@ -8,12 +8,14 @@ those measurements as columns of the matrix (docs/protocol.md "Cost").
 from __future__ import annotations
 
 from xbench import Metric, hookimpl
+from xbench import Passes
 
 
 class ForwardPasses(Metric):
     name = "forward-passes"
     direction = "lower"
     kind = "cost"
+    passes = Passes(0)  # reads what the harness measured
     unit = "passes"
     summary = "images pushed through the model's forward to explain one image"
 
@@ -25,6 +27,7 @@ class BackwardPasses(Metric):
     name = "backward-passes"
     direction = "lower"
     kind = "cost"
+    passes = Passes(0)  # reads what the harness measured
     unit = "passes"
     summary = "backward passes through the model to explain one image"
 
@@ -36,6 +39,7 @@ class ExplanationTime(Metric):
     name = "time"
     direction = "lower"
     kind = "cost"
+    passes = Passes(0)  # reads what the harness measured
     unit = "s"
     summary = "explanation wall time per image (batch time / batch size), warm-up excluded"
 

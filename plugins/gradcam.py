@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from xbench import ClassifierHandle, Explainer, capture_activations, hookimpl
+from xbench import Passes
 
 
 def target_layer_gradients(model: ClassifierHandle, layer: str | None, images: torch.Tensor,
@@ -32,6 +33,7 @@ class GradCAM(Explainer):
     name = "gradcam"
     needs_gradients = True
     summary = "Grad-CAM: gradient-weighted class activation map (1 forward + 1 backward)"
+    passes = Passes(1, 1)
 
     def explain(self, model, images, targets):
         activation, gradient, _ = target_layer_gradients(model, self.layer, images, targets)

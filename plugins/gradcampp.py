@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 
 from xbench import Explainer, hookimpl
+from xbench import Passes
 from xbench_plugins.gradcam import target_layer_gradients
 
 
@@ -44,6 +45,7 @@ class GradCAMPlusPlus(Explainer):
     name = "gradcam++"
     needs_gradients = True
     summary = "Grad-CAM++: closed-form pixel-weighted gradients, exponential output (1 F + 1 B)"
+    passes = Passes(1, 1)
 
     def explain(self, model, images, targets):
         activation, gradient, _ = target_layer_gradients(model, self.layer, images, targets)

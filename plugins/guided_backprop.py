@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from xbench import ClassifierHandle, Explainer, UserError, capture_activations, hookimpl
+from xbench import Passes
 
 RELU_FAMILY: tuple[type[nn.Module], ...] = (nn.ReLU, nn.ReLU6, nn.LeakyReLU)
 
@@ -110,6 +111,7 @@ class GuidedBackprop(Explainer):
     needs_gradients = True
     uses_layer = False
     summary = "Guided backprop: gradients gated at every ReLU/ReLU6/LeakyReLU call (1 F + 1 B)"
+    passes = Passes(1, 1)
 
     def explain(self, model, images, targets):
         return channel_max_abs(guided_gradients(model, images, targets))
@@ -126,6 +128,7 @@ class GuidedGradCAM(Explainer):
     name = "guided-gradcam"
     needs_gradients = True
     summary = "Guided Grad-CAM: guided backprop x Grad-CAM (1 F + 2 B)"
+    passes = Passes(1, 2)
 
     def explain(self, model, images, targets):
         state = {"guided": False}

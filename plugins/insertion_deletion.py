@@ -182,6 +182,16 @@ class _CausalMetric(Metric):
         # the score keys already name the step and the blur padding (see _variant)
         return ""
 
+    @classmethod
+    def expected_passes(cls, options, facts):
+        """Both curves, n + 1 points each with n = ceil(H W / step), whichever of the three
+        metrics asks: 2 (n + 1) forwards per image, shared by the metrics of one step."""
+        height, width = facts.input_size
+        step = options.step if options.step is not None else width
+        points = math.ceil(height * width / step) + 1
+        return xbench.Passes(2 * points, shared=f"insertion-deletion/curves:{step}:"
+                                                f"{options.blur_padding}")
+
     def curves(self, batch: MetricBatch) -> Curves:
         """The batch's curves for this step size, computed by whichever metric asks first."""
         step = self.options.step if self.options.step is not None else int(batch.images.shape[-1])

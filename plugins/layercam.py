@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 
 from xbench import Explainer, hookimpl
+from xbench import Passes
 from xbench_plugins.gradcam import target_layer_gradients
 
 
@@ -28,6 +29,7 @@ class LayerCAM(Explainer):
     name = "layercam"
     needs_gradients = True
     summary = "LayerCAM: per-location positive-gradient weights, works on shallow layers (1 F + 1 B)"
+    passes = Passes(1, 1)
 
     def explain(self, model, images, targets):
         activation, gradient, _ = target_layer_gradients(model, self.layer, images, targets)

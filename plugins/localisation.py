@@ -51,6 +51,7 @@ def target_boxes(batch: MetricBatch, boxes_of: str) -> tuple[torch.Tensor, torch
 class _BoxMetric(Metric):
     family = "localisation"
     needs_boxes = True
+    passes = xbench.Passes(0)  # the map against the boxes: no forward
 
     class Options(xbench.Options):
         boxes_of: str = xbench.option(

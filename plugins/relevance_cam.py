@@ -212,6 +212,7 @@ class RelevanceCAM(Explainer):
     needs_gradients = True
     summary = ("relevance-cam: LRP-eps relevance at the target layer as channel weights and "
                "spatial mask, for shallow layers (1 F + 1 B)")
+    passes = xbench.Passes(1, 1)
 
     class Options(xbench.Options):
         epsilon: float = xbench.option(1e-9, "LRP-eps stabiliser", minimum=0.0)

@@ -50,8 +50,9 @@ class RISE(Explainer):
         super().__init__(layer=layer, seed=seed, **options)
         self._cache: dict[tuple[int, int, str], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
 
-    def expected_forward_passes(self, model: ClassifierHandle) -> int:
-        return self.options.n_masks
+    @classmethod
+    def expected_passes(cls, options, facts):
+        return xbench.Passes(options.n_masks)
 
     def prepare(self, model: ClassifierHandle, shape: tuple[int, int, int]) -> None:
         """Draw the masks' random part before timing starts (called by the harness warm-up)."""

@@ -87,12 +87,15 @@ class ScoreCAM(Explainer):
         #: (B,) channels that got a forward pass per image in the last ``explain`` call
         self.last_scored = torch.zeros(0, dtype=torch.long)
 
-    def expected_forward_passes(self, model: ClassifierHandle) -> int:
+    @classmethod
+    def expected_passes(cls, options, facts):
         """1 + K (at most ``max_channels``): constant channels, found only while running, are
         skipped, so this is an upper bound."""
-        channels = model.census.layers[self.layer or model.default_layer].shape[1]
-        limit = self.options.max_channels
-        return 1 + (channels if limit is None else min(channels, limit))
+        if facts.channels is None:
+            return None
+        limit = options.max_channels
+        scored = facts.channels if limit is None else min(facts.channels, limit)
+        return xbench.Passes(1 + scored, bound="at most")
 
     def diagnostics(self) -> dict[str, torch.Tensor]:
         """Constant channels skipped (weight 0, no forward pass) per image of the last call."""

@@ -231,12 +231,12 @@ def test_bad_options_and_names_are_clear(tmp_path, images, toy_registry):
 ])
 def test_options_are_checked_by_declared_type_before_anything_loads(
         tmp_path, images, toy_registry, monkeypatch, options, message):
-    import xbench.runner as runner_module
+    import xbench.plan as plan_module
 
     def no_loading(*args, **kwargs):
         raise AssertionError("opened the dataset before checking the options")
 
-    monkeypatch.setattr(runner_module, "open_dataset", no_loading)
+    monkeypatch.setattr(plan_module, "open_dataset", no_loading)
     with pytest.raises(UserError, match=message) as caught:
         Runner(_config(images, explainers="rise,scorecam", options=options), toy_registry,
                tmp_path)

@@ -16,6 +16,8 @@ _PUBLIC = {
     # contracts
     "Explainer": "xbench.base", "Model": "xbench.base", "Metric": "xbench.base",
     "LoadedModel": "xbench.base", "MetricBatch": "xbench.base",
+    # declared pass counts (xbench run --dry-run)
+    "Passes": "xbench.base", "PassFacts": "xbench.base",
     "hookimpl": "xbench.plugins",
     # declared options
     "Options": "xbench.options", "option": "xbench.options", "OptionError": "xbench.options",

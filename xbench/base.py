@@ -7,6 +7,7 @@ Plugins hand their classes (not instances) to the ``register`` callback of a reg
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
@@ -20,6 +21,57 @@ if TYPE_CHECKING:
     from xbench.model import ClassifierHandle
 
 Direction = Literal["lower", "higher"]
+
+
+@dataclass(frozen=True)
+class Passes:
+    """Forward (F) and backward (B) passes a plugin expects to spend per image, declared before
+    a run (``xbench run --dry-run``, progress weights); counted like the harness counts them
+    (docs/protocol.md "Cost": a batch of 64 masked inputs is 64 forwards).
+
+    ``bound``: '' when the count is exact, "at most" for an upper bound (Score-CAM skips
+    constant channels, found only while running), "about" when it depends on the image (SLIC
+    segments). ``shared``: metrics that read the same passes (Average Drop and Increase) name
+    the same key, so a run that selects both pays them once.
+    """
+
+    forward: float
+    backward: float = 0
+    bound: Literal["", "at most", "about"] = ""
+    shared: str = ""
+
+    def text(self) -> str:
+        """"12 F + 12 B", "<=129 F", "~26 F", "0"."""
+        mark = {"": "", "at most": "<=", "about": "~"}[self.bound]
+        parts = [f"{mark}{_count(n)} {letter}" for n, letter in ((self.forward, "F"),
+                                                                  (self.backward, "B")) if n]
+        return " + ".join(parts) or "0"
+
+
+def _count(n: float) -> str:
+    return f"{n:g}" if n != int(n) else str(int(n))
+
+
+@dataclass(frozen=True)
+class PassFacts:
+    """What a pass count may depend on, known before anything is explained: images per
+    explainer call (``--batch-size``), the input size, and the target layer with its channels
+    (None for a plugin that reads no layer)."""
+
+    batch_size: int
+    input_size: tuple[int, int]
+    layer: str | None = None
+    channels: int | None = None
+    device: str = "cpu"
+
+    @classmethod
+    def of(cls, model: ClassifierHandle, layer: str | None, batch_size: int = 1) -> PassFacts:
+        """The facts of a loaded model at ``layer`` (None: a plugin that reads no layer)."""
+        info = model.census.layers.get(layer) if layer is not None else None
+        channels = info.shape[1] if info is not None and info.spatial else None
+        size = model.input_size
+        return cls(batch_size=batch_size, input_size=(size, size), layer=layer,
+                   channels=channels, device=model.device.type)
 
 
 class Explainer(Configurable, RecordsVariant, ABC):
@@ -46,6 +98,9 @@ class Explainer(Configurable, RecordsVariant, ABC):
     #: the library an adapter calls to compute the maps ("captum"); empty when the plugin's own
     #: code does (``xbench plugins`` then shows the plugin's distribution)
     library: ClassVar[str] = ""
+    #: passes per image when they do not depend on options or the layer (see
+    #: :meth:`expected_passes`); None: not declared
+    passes: ClassVar[Passes | None] = None
 
     plugin_kind: ClassVar[str] = "explainer"
 
@@ -64,10 +119,21 @@ class Explainer(Configurable, RecordsVariant, ABC):
         metric ``<explainer>:<name>`` and no better direction. Default: none."""
         return {}
 
+    @classmethod
+    def expected_passes(cls, options: Options, facts: PassFacts) -> Passes | None:
+        """The passes :meth:`explain` spends per image with these resolved ``options`` (an
+        instance of the class's ``Options``) and ``facts``; tests compare it with the counted
+        passes. Default: the class's constant :attr:`passes`, None (unknown: ``xbench run
+        --dry-run`` prints "?") when it declares none. Override it when options or the layer
+        change the count."""
+        return cls.passes
+
     def expected_forward_passes(self, model: ClassifierHandle) -> int:
-        """Forward passes :meth:`explain` is expected to spend per image, known before it runs
-        (progress and ETA weigh units by it). Default 1: one forward (and its backward)."""
-        return 1
+        """Forward passes per image for progress and ETA weights: the declared count
+        (:meth:`expected_passes`, rounded up), 1 when none is declared."""
+        layer = (self.layer or model.default_layer) if self.uses_layer else None
+        passes = type(self).expected_passes(self.options, PassFacts.of(model, layer))
+        return 1 if passes is None else max(1, math.ceil(passes.forward))
 
     def prepare(self, model: ClassifierHandle, image_shape: tuple[int, int, int]) -> None:
         """Optional one-time set-up (e.g. RISE's shared masks), called once per run before any
@@ -193,12 +259,21 @@ class Metric(Configurable, RecordsVariant, ABC):
     #: the unit shown in tables ("%", "AUC", "passes", "s")
     unit: ClassVar[str] = ""
     summary: ClassVar[str] = ""
+    #: passes per image when they do not depend on the options (see :meth:`expected_passes`)
+    passes: ClassVar[Passes | None] = None
 
     plugin_kind: ClassVar[str] = "metric"
 
     @classmethod
     def metric_family(cls) -> str:
         return cls.family or cls.kind
+
+    @classmethod
+    def expected_passes(cls, options: Options, facts: PassFacts) -> Passes | None:
+        """The passes :meth:`score` spends per image with these resolved ``options`` and
+        ``facts`` (a layer-free PassFacts). Default: the constant :attr:`passes`, None
+        (unknown, "?" in ``--dry-run``) when the class declares none."""
+        return cls.passes
 
     class Options(Options):
         """No options; a plugin declares its own as ``class Options(xbench.Options)``."""

@@ -1,11 +1,9 @@
 """Recompute chosen units of a recorded run from its header, without writing anything.
 
-A stand-in for the runner's ``compute_units(unit_ids) -> list[ResultRow]`` (the runner split,
-issue 18b): it rebuilds a :class:`~xbench.runner.Runner` from ``run.json`` (model, plugins,
-options, seed, engine as resolved, profile, target rule, layers, data folder) and runs only the
-named units, on the runner's own internals, so the rows come out exactly as ``xbench run``
-wrote them. When the runner provides ``compute_units`` this module's :func:`compute_units` is
-replaced by it (same arguments, same result).
+It rebuilds a :class:`~xbench.runner.Runner` from ``run.json`` (model, plugins, options,
+seed, engine as resolved, profile, target rule, layers, data folder) and runs only the named
+units through :meth:`~xbench.runner.Runner.compute_units`, so the rows come out exactly as
+``xbench run`` wrote them.
 """
 
 from __future__ import annotations
@@ -15,8 +13,6 @@ import json
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
-
-import torch
 
 from xbench.errors import UserError
 from xbench.plugins import Registry
@@ -95,32 +91,8 @@ def parse_unit(unit: str) -> tuple[int, str | None, str | None]:
 
 def compute_units(runner: Runner, unit_ids: Iterable[str]) -> list[ResultRow]:
     """The rows of ``unit_ids``, computed as ``runner.run()`` computes them, in unit order;
-    nothing is written. Each unit's batch is read and classified once."""
-    wanted = [parse_unit(unit) for unit in unit_ids]
-    torch.manual_seed(runner.config.seed)
-    handle = runner._load_model()
-    layers = runner._layers(handle)
-    explainers = {(e.name, layer): e for layer, e in runner._explainers(layers)}
-    metrics = runner._metrics()
-    runner._start_engine(handle)
-    runner._warm_up(handle, list((layer, e) for (_, layer), e in explainers.items()))
-    base = runner._base_row(handle)
-    batches = dict(runner.batches())
-    rows: list[ResultRow] = []
-    loaded: dict[int, tuple[Any, list[ResultRow]]] = {}
-    for index, explainer_name, layer in wanted:
-        if index not in batches:
-            raise UserError(f"unit batch{index:06d}: the run has {len(batches)} batches")
-        if index not in loaded:
-            loaded[index] = runner._load_batch(handle, batches[index], base)
-        batch, data_rows = loaded[index]
-        if explainer_name is None:
-            rows += data_rows + runner._score_model(handle, batch, metrics, base)
-            continue
-        explainer = explainers.get((explainer_name, layer))
-        if explainer is None:
-            raise UserError(f"unit {explainer_name}:{layer}: not an explainer and layer of "
-                            f"this run ({', '.join(f'{n}:{l}' for n, l in explainers)})")
-        rows += runner._explain_unit(handle, batch, explainer, layer,
-                                     [m for m in metrics if m.kind != "model"], base, {})
-    return rows
+    nothing is written (:meth:`xbench.runner.Runner.compute_units`)."""
+    units = list(unit_ids)
+    for unit in units:
+        parse_unit(unit)  # a malformed id is named before anything loads
+    return runner.compute_units(units)

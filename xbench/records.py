@@ -75,13 +75,39 @@ class RunHeader:
         return cls(**{k: v for k, v in data.items() if k in known})
 
 
+#: what a result row is: the model's confidence in an image's target (one per image, written
+#: when it is read; a failure to read it is a "failure"), a model-scope metric's score (no
+#: explainer), an explainer x metric score, an explainer's diagnostic (no better direction,
+#: e.g. ``scorecam:skipped-channels``) or a failed cell
+ROW_KINDS = ("confidence", "model-score", "score", "diagnostic", "failure")
+
+
+def row_kind(row: ResultRow | dict[str, Any]) -> str:
+    """The kind of ``row`` (a ResultRow or its dict): its ``kind`` field when set, else derived
+    as rows written before the field existed mean it: failed -> "failure"; no explainer ->
+    "confidence" (metric ``confidence``) or "model-score"; no direction -> "diagnostic";
+    otherwise "score"."""
+    get = row.get if isinstance(row, dict) else lambda key, default=None: getattr(row, key, default)
+    kind = get("kind", "")
+    if kind:
+        return kind
+    if get("status", "ok") == "failed":
+        return "failure"
+    if get("explainer", "") == "":
+        return "confidence" if get("metric", "") == "confidence" else "model-score"
+    if get("direction", "") == "":
+        return "diagnostic"
+    return "score"
+
+
 @dataclass(frozen=True)
 class ResultRow:
     """One score of one image for one (explainer, layer, metric variant), with provenance.
 
-    ``status`` is "ok" or "failed" (then ``value`` is None and ``error`` says why); a failure
-    to read an image has ``explainer`` and ``metric`` empty. ``degenerate`` marks a constant
-    or non-finite map, scored as the all-zero map (docs/protocol.md).
+    ``status`` is "ok" or "failed" (then ``value`` is None and ``error`` says why).
+    ``degenerate`` marks a constant or non-finite map, scored as the all-zero map
+    (docs/protocol.md). ``kind`` says what the row is (one of :data:`ROW_KINDS`, see
+    :func:`row_kind`); rows written before it existed get it derived when read.
     """
 
     run: str
@@ -100,6 +126,8 @@ class ResultRow:
     status: str = "ok"
     degenerate: bool = False
     error: str = ""
+    #: "confidence", "model-score", "score", "diagnostic" or "failure" ('' -> derived)
+    kind: str = ""
     # provenance repeated in every row (docs/protocol.md "Aggregation")
     protocol: str = ""
     profile: str = ""
@@ -119,6 +147,12 @@ class ResultRow:
     #: batch; the ``time`` metric is this divided by ``batch_images`` (None: not explained)
     batch_seconds: float | None = None
     batch_images: int | None = None
+
+    def __post_init__(self) -> None:
+        if not self.kind:
+            object.__setattr__(self, "kind", row_kind(self))
+        elif self.kind not in ROW_KINDS:
+            raise ValueError(f"row kind {self.kind!r}: expected one of {', '.join(ROW_KINDS)}")
 
     @property
     def column(self) -> str:

@@ -142,7 +142,9 @@ def check_explainer(cls: type[Explainer], model: ClassifierHandle | None = None,
     training = model.training
 
     explainer = cls(layer=layer, seed=seed, **options)
-    maps = _explain(explainer, model, images, targets)
+    with model.counting() as counts:
+        maps = _explain(explainer, model, images, targets)
+    check_declared_passes(cls, explainer.options, model, layer, batch, counts)
 
     assert isinstance(maps, torch.Tensor), f"{where}: returned {type(maps).__name__}, not a tensor"
     assert maps.dim() == 3 and maps.shape[0] == batch, (
@@ -179,6 +181,31 @@ def check_explainer(cls: type[Explainer], model: ClassifierHandle | None = None,
             f"through ONNX Runtime; use model(...) where you need hooks or gradients")
     check_options_reach_variant(cls, options)
     return maps
+
+
+def check_declared_passes(cls: type[Explainer], options: Any, model: ClassifierHandle,
+                          layer: str | None, batch: int, counts: dict[str, int]) -> None:
+    """Assert that the passes ``cls`` declares (:meth:`Explainer.expected_passes`) are the
+    passes counted for ``batch`` images (``counts``): equal when exact, not above an "at
+    most" bound; an "about" count and an undeclared one are not checked."""
+    from xbench.base import PassFacts
+
+    facts = PassFacts.of(model, (layer or model.default_layer) if cls.uses_layer else None,
+                         batch_size=batch)
+    declared = cls.expected_passes(options, facts)
+    if declared is None or declared.bound == "about":
+        return
+    counted = (counts["forward"] / batch, counts["backward"] / batch)
+    expected = (declared.forward, declared.backward)
+    where = f"explainer {getattr(cls, 'name', cls.__name__)!r}"
+    if declared.bound == "at most":
+        assert all(c <= e for c, e in zip(counted, expected)), (
+            f"{where}: counted {counted} passes per image (forward, backward), above the "
+            f"declared bound {expected}")
+    else:
+        assert counted == expected, (
+            f"{where}: counted {counted} passes per image (forward, backward), declared "
+            f"{expected} by expected_passes")
 
 
 def check_model(cls: type[Model], options: dict[str, Any] | None = None) -> LoadedModel:

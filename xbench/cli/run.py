@@ -74,6 +74,10 @@ def add_parser(subparsers) -> None:
     execution.add_argument("--distributed", action="store_true",
                            help="shard the run over the processes torchrun started (implied "
                                 "when WORLD_SIZE > 1; docs/scale.md)")
+    execution.add_argument("--dry-run", action="store_true",
+                           help="print the units, passes per explainer and metric and an "
+                                "estimated wall time (a short throughput probe here), then exit "
+                                "without writing")
     p.set_defaults(func=run)
 
 
@@ -127,6 +131,9 @@ def run(args: argparse.Namespace) -> int:
         engine=args.engine, timeout=args.timeout, save_maps=args.save_maps)
     out = Path(args.output)
     runner = Runner(config, registry, out, name=args.name, progress=rich_progress)
+    if getattr(args, "dry_run", False):
+        console.print(runner.dry_run(), highlight=False, markup=False)
+        return 0
     err.print(f"xbench run [bold]{runner.run_name}[/]: {len(runner.dataset.items)} images, "
               f"explainers {', '.join(runner.explainer_names)}; profile {runner.profile}",
               highlight=False)

@@ -21,6 +21,7 @@ class VanillaGradient(xbench.Explainer):
     needs_gradients = True
     uses_layer = False
     summary = "input gradient magnitude (Simonyan et al. 2014)"
+    passes = xbench.Passes(1, 1)  # one forward and one backward per image (--dry-run)
 
     class Options(xbench.Options):
         reduce: str = xbench.option("max", "how colour channels are combined",
@@ -40,6 +41,7 @@ class MapMassTop15(xbench.Metric):
     direction = "higher"
     unit = "fraction"
     summary = "fraction of saliency mass in the top 15% of pixels (concentration)"
+    passes = xbench.Passes(0)  # reads the map only
 
     class Options(xbench.Options):
         top: float = xbench.option(0.15, "share of pixels counted as the top", above=0.0,
