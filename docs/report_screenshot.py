@@ -1,6 +1,6 @@
 """Capture docs/report.png: the HTML report of a run in headless Chromium (selenium).
 
-    xbench report results/reference_efficientnet-lite0_sample_quick -o /tmp/report.html
+    xbench report results/reference_efficientnet-lite0_sample_quick --output /tmp/report.html
     python docs/report_screenshot.py /tmp/report.html docs/report.png
 
 Needs Debian's chromium and chromium-driver (/usr/bin/chromium, /usr/bin/chromedriver) and

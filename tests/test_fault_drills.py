@@ -477,11 +477,11 @@ def test_explain_refuses_a_missing_output_folder_and_a_flat_layer(tmp_path, monk
     image = write_images(tmp_path / "imgs", ["a.png"], size=36)[0]
     _cli_registry(monkeypatch, build_registry(extra_plugins=[("toy", _toy_plugin())]))
     common = ["explain", str(image), "--model", "toy-cnn", "--device", "cpu"]
-    assert main(common + ["-o", str(tmp_path / "missing" / "x.png")]) == 2
+    assert main(common + ["--output", str(tmp_path / "missing" / "x.png")]) == 2
     assert "does not exist" in capsys.readouterr().err
-    assert main(common + ["--layer", "fc", "-o", str(tmp_path / "x.png")]) == 2
+    assert main(common + ["--layer", "fc", "--output", str(tmp_path / "x.png")]) == 2
     assert "has no spatial map" in capsys.readouterr().err
-    assert main(common + ["-o", str(tmp_path / "x.png")]) == 0
+    assert main(common + ["--output", str(tmp_path / "x.png")]) == 0
 
 
 # -- time per image and host load ---------------------------------------------------------------

@@ -97,7 +97,7 @@ def test_cli_plots_a_layer_sweep_run(tmp_path, toy_registry):
                        options=("insertion-deletion.step=512",))  # 2 steps at 32x32: fast
     folder = Runner(config, toy_registry, tmp_path / "out").run().folder
     output = tmp_path / "plots" / "layers.png"
-    assert main(["plot", "layers", str(folder.path), "-o", str(output)]) == 0
+    assert main(["plot", "layers", str(folder.path), "--output", str(output)]) == 0
     with Image.open(output) as image:
         assert image.format == "PNG"
     layers, points = layer_scores(folder.rows())

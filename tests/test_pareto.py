@@ -66,6 +66,6 @@ def test_plot_pareto_cli(tmp_path):
     if not (run / "run.json").exists():
         pytest.skip("committed reference run not present")
     output = tmp_path / "pareto.png"
-    assert main(["plot", "pareto", str(run), "--metric", "insertion", "-o", str(output)]) == 0
+    assert main(["plot", "pareto", str(run), "--metric", "insertion", "--output", str(output)]) == 0
     assert output.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert main(["plot", "pareto", str(run), "--metric", "nonsense", "-o", str(output)]) == 2
+    assert main(["plot", "pareto", str(run), "--metric", "nonsense", "--output", str(output)]) == 2

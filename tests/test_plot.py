@@ -70,7 +70,7 @@ def test_explainer_at_several_layers_is_labelled_with_the_layer(tmp_path):
 def test_plot_curves_writes_a_png(tmp_path):
     write_run(tmp_path / "run", ROWS)
     output = tmp_path / "figures" / "curves.png"
-    assert main(["plot", "curves", str(tmp_path / "run"), "-o", str(output)]) == 0
+    assert main(["plot", "curves", str(tmp_path / "run"), "--output", str(output)]) == 0
     with Image.open(output) as image:
         image.load()
         assert image.format == "PNG"

@@ -259,7 +259,7 @@ def test_bad_options_and_folders_are_user_errors(tiny_run, tmp_path):
 
 def test_cli_report_and_run_report(tiny_run, tmp_path, monkeypatch, capsys):
     output = tmp_path / "r.html"
-    assert main(["report", str(tiny_run.path), "-o", str(output), "--max-images", "1",
+    assert main(["report", str(tiny_run.path), "--output", str(output), "--max-images", "1",
                  "--sample-seed", "3"]) == 0
     page = output.read_text(encoding="utf-8")
     assert page.count('<div class="gallery-row"') == 1 and "seed 3" in page

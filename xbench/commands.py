@@ -82,6 +82,8 @@ def chosen_words(argv: Sequence[str]) -> list[str]:
 
 def add_commands(subparsers: Any, commands: list[PluginCommand], argv: Sequence[str]) -> None:
     """Add each command's parser; only the command being run is configured (imported)."""
+    from xbench.cli.options import add_block_option
+
     chosen = chosen_words(argv)
     groups: dict[str, Any] = {}
     for command in sorted(commands, key=lambda c: c.words):
@@ -97,6 +99,7 @@ def add_commands(subparsers: Any, commands: list[PluginCommand], argv: Sequence[
         parser = parent.add_parser(command.words[-1], help=command.help, description=command.help)
         if list(command.words) == chosen[:len(command.words)]:
             command.resolve(command.configure)(parser)
+            add_block_option(parser)  # -p no:NAME after the command, as in the core commands
             run = command.resolve(command.run)
             parser.set_defaults(func=run)
         else:

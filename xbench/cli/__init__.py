@@ -12,7 +12,6 @@ import argparse
 import importlib
 import sys
 
-from xbench.cli.console import message_console
 from xbench.errors import UserError
 
 #: subcommand -> (module, help line shown by ``xbench --help`` without importing the module)
@@ -48,13 +47,22 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     when ``argv`` is None), the others a placeholder with their help line."""
     from xbench import __version__
 
-    parser = argparse.ArgumentParser(prog="xbench", description=(
+    from xbench.cli.options import XbenchParser, examples
+
+    parser = XbenchParser(prog="xbench", description=(
         "Benchmark visual explanation methods: which explainer is most faithful, at what cost?"),
-        epilog="Plugins add commands of their own (built-in: 'xbench similarity', 'xbench train "
-               "lcam', 'xbench train mutual-transfer'); 'xbench plugins' lists the plugins.")
+        epilog=examples(
+            "xbench run                      # the embedded default: 10 photos, quick profile",
+            "xbench run --data /path/to/ILSVRC2012/val --limit 50",
+            "xbench explain photo.jpg --explainer rise -o rise.n_masks=500 --output rise.png",
+            "xbench COMMAND --help           # a command's flags, grouped, with defaults",
+            note="Plugins add commands of their own (built-in: 'xbench similarity', 'xbench "
+                 "train lcam', 'xbench train mutual-transfer'); 'xbench plugins' lists the "
+                 "plugins. The flags shared by the commands: docs/cli.md."))
     parser.add_argument("--version", action="version", version=f"xbench {__version__}")
     parser.add_argument("-p", dest="plugin_options", action="append", default=[], metavar="no:NAME",
-                        help="block the plugin NAME for this command (repeatable)")
+                        help="block the plugin NAME for this command (repeatable; also "
+                             "accepted after the command)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     chosen = None if argv is None else _chosen_subcommand(argv)
     for name, (module, help_line) in SUBCOMMANDS.items():
@@ -88,17 +96,16 @@ def add_plugin_commands(parser: argparse.ArgumentParser, sub, argv: list[str]) -
 
 
 def blocked_plugins(args: argparse.Namespace) -> list[str]:
-    blocked = []
-    for option in args.plugin_options:
-        if not option.startswith("no:"):
-            raise UserError(f"-p {option}: only '-p no:NAME' (block plugin NAME) is supported")
-        blocked.append(option[3:])
-    return blocked
+    """The plugins blocked by ``-p no:NAME`` (before or after the command)."""
+    from xbench.cli.options import blocked_plugins as blocked
+
+    return blocked(args)
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser(argv).parse_args(argv)
+    from xbench.cli.console import message_console  # rich: not needed by --help/--version
     from xbench.environment import tune_allocator
 
     tune_allocator()

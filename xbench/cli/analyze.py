@@ -12,15 +12,30 @@ from xbench.cli.console import message_console
 
 
 def add_parser(subparsers) -> None:
-    p = subparsers.add_parser("analyze", help="rank stability: bootstrap rank intervals, "
-                              "Kendall's tau between columns and protocol variants",
-                              description=__doc__)
+    from xbench.cli.options import (add_output_option, add_plugin_options, examples, group,
+                                    non_negative_int, positive_int)
+
+    p = subparsers.add_parser(
+        "analyze", help="rank stability: bootstrap rank intervals, Kendall's tau between "
+                        "columns and protocol variants",
+        description="Rank stability of a run: the explainers' ranks per metric column with "
+                    "bootstrap rank intervals (images resampled, seeded), Kendall's tau between "
+                    "the rankings of every pair of columns, and the explainer pairs whose order "
+                    "flips between protocol variants of one metric (docs/protocol.md, \"Rank "
+                    "stability\").",
+        epilog=examples("xbench analyze results/val50_quick",
+                        "xbench analyze RUN --include-cost --output tau.png"))
     p.add_argument("run", help="run folder (the one holding run.json)")
-    p.add_argument("--seed", type=int, help="bootstrap seed (default: the run's seed)")
-    p.add_argument("--resamples", type=int, default=2000, help="bootstrap resamples")
-    p.add_argument("--include-cost", action="store_true",
-                   help="rank the cost columns (passes, time) too")
-    p.add_argument("--output", help="PNG heatmap of the tau matrix to write")
+    bootstrap = group(p, "bootstrap")
+    bootstrap.add_argument("--seed", type=non_negative_int,
+                           help="bootstrap seed (default: the run's seed)")
+    bootstrap.add_argument("--resamples", type=positive_int, default=2000,
+                           help="bootstrap resamples")
+    bootstrap.add_argument("--include-cost", action="store_true",
+                           help="rank the cost columns (passes, time) too")
+    add_plugin_options(p, takes_options=False)
+    add_output_option(p, "PNG heatmap of the tau matrix to write (default: none)",
+                      metavar="FILE")
     p.set_defaults(func=run)
 
 

@@ -12,18 +12,30 @@ from rich.markup import escape
 from rich.table import Table
 
 from xbench.cli.console import table_console
+from xbench.cli.options import add_plugin_options, examples, group
 
 from xbench.options import format_value
 from xbench.plugins import build_registry
 
 
 def add_parser(subparsers) -> None:
-    p = subparsers.add_parser("plugins", help="list installed plugins", description=__doc__)
-    p.add_argument("--kind", choices=["explainer", "model", "metric"], help="only this kind")
+    p = subparsers.add_parser(
+        "plugins", help="list installed plugins",
+        description="List the installed explainers, models and metrics, and the plugins that "
+                    "failed to load. With a NAME, show that plugin's declared options (type, "
+                    "default, bounds, doc) and profiles: the keys -o PLUGIN.KEY=VALUE takes.",
+        epilog=examples("xbench plugins", "xbench plugins --kind metric",
+                        "xbench plugins rise              # RISE's options (-o rise.KEY=VALUE)",
+                        "xbench plugins --json > plugins.json",
+                        "xbench plugins -p no:NAME        # as if plugin NAME were not installed"))
     p.add_argument("name", nargs="?", help="show this plugin's options")
-    p.add_argument("--options", dest="options_of", metavar="NAME",
-                   help="show this plugin's options (same as 'xbench plugins NAME')")
-    p.add_argument("--json", action="store_true", help="print JSON for tools")
+    listing = group(p, "listing")
+    listing.add_argument("--kind", choices=["explainer", "model", "metric"],
+                         help="only this kind (default: all)")
+    listing.add_argument("--options", dest="options_of", metavar="NAME",
+                         help="show this plugin's options (same as 'xbench plugins NAME')")
+    listing.add_argument("--json", action="store_true", help="print JSON for tools")
+    add_plugin_options(p, takes_options=False)
     p.set_defaults(func=run)
 
 

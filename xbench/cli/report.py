@@ -6,23 +6,36 @@ import argparse
 from pathlib import Path
 
 from xbench.cli.console import message_console
+from xbench.cli.options import (add_output_option, add_plugin_options, examples, group,
+                                non_negative_int, positive_int)
+
+
+DESCRIPTION = """Write one self-contained HTML page of a run: header and protocol variant, the
+matrix with intervals, a gallery of overlays with per-image scores, curves, layer plots, costs,
+failures and degenerate maps. It opens from disk (no network)."""
 
 
 def add_parser(subparsers) -> None:
-    p = subparsers.add_parser("report", help="write a self-contained HTML report of a run",
-                              description=__doc__)
+    p = subparsers.add_parser(
+        "report", help="write a self-contained HTML report of a run", description=DESCRIPTION,
+        epilog=examples("xbench report results/reference_efficientnet-lite0_sample_quick",
+                        "xbench report RUN --output report.html --max-images 48",
+                        note="xbench run --report writes the same page at the end of a run."))
     p.add_argument("run", help="run folder (the one holding run.json)")
-    p.add_argument("-o", "--output", help="HTML file to write (default: RUN/report.html)")
     add_gallery_options(p)
+    add_plugin_options(p, takes_options=False)
+    add_output_option(p, "HTML file to write (default: RUN/report.html)", metavar="FILE")
     p.set_defaults(func=run)
 
 
 def add_gallery_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--max-images", type=int, default=24,
-                   help="at most this many images in the gallery (default 24)")
-    p.add_argument("--sample-seed", type=int, default=0,
-                   help="seed of the gallery's image sample when the run has more images")
-    p.add_argument("--page-size", type=int, default=6, help="gallery images per page")
+    gallery = group(p, "gallery")
+    gallery.add_argument("--max-images", type=non_negative_int, default=24, metavar="N",
+                         help="at most this many images in the gallery")
+    gallery.add_argument("--sample-seed", type=non_negative_int, default=0, metavar="SEED",
+                         help="seed of the gallery's image sample when the run has more images")
+    gallery.add_argument("--page-size", type=positive_int, default=6, metavar="N",
+                         help="gallery images per page")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -12,16 +12,32 @@ from xbench.cli.console import message_console
 
 
 def add_parser(subparsers) -> None:
-    p = subparsers.add_parser("verify", help="recompute a sample of a run's units and compare "
-                              "them with its records", description=__doc__)
+    from xbench.cli.options import add_plugin_options, examples, group, non_negative_int, \
+        positive_int
+
+    p = subparsers.add_parser(
+        "verify", help="recompute a sample of a run's units and compare them with its records",
+        description="Recompute K randomly chosen units of a run from its own header and compare "
+                    "them with its records (exit 1 naming each mismatching unit, row and field; "
+                    "docs/ci.md). The whole run's records are checked too: schema, every unit "
+                    "finished, provenance, no row missing.",
+        epilog=examples("xbench verify results/reference_efficientnet-lite0_sample_quick",
+                        "xbench verify RUN --sample 8 --seed 1 --data /path/to/ILSVRC2012/val"))
     p.add_argument("run", help="run folder (the one holding run.json)")
-    p.add_argument("--sample", type=int, default=4, help="units to recompute (default 4)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the choice of units")
-    p.add_argument("--data", help="the run's data folder, when run.json records it relative "
-                   "to another working directory")
-    p.add_argument("--labels", help="the run's labels file (same reason)")
-    p.add_argument("--boxes", help="the run's boxes file (same reason)")
-    p.add_argument("--device", help="device to recompute on (default: the recorded setting)")
+    sample = group(p, "sample")
+    sample.add_argument("--sample", type=positive_int, default=4, metavar="K",
+                        help="units to recompute")
+    sample.add_argument("--seed", type=non_negative_int, default=0,
+                        help="seed of the choice of units")
+    data = group(p, "data")
+    data.add_argument("--data", metavar="FOLDER", help="the run's data folder, when run.json "
+                      "records it relative to another working directory (default: as recorded)")
+    data.add_argument("--labels", metavar="FILE", help="the run's labels file (same reason)")
+    data.add_argument("--boxes", metavar="FILE|FOLDER",
+                      help="the run's boxes file (same reason)")
+    group(p, "model").add_argument("--device",
+                                   help="device to recompute on (default: the recorded setting)")
+    add_plugin_options(p, takes_options=False)
     p.set_defaults(func=run)
 
 
