@@ -24,6 +24,13 @@ RISE). Tested against captum called directly (tests/test_captum_perturbation.py)
 - ``kernel-shap`` (Lundberg & Lee, NeurIPS 2017): Shapley kernel-weighted linear regression
   on random coalitions of segments; ``KernelShap(f).attribute(x, baselines=fill,
   feature_mask, n_samples, target)``. ``samples`` forwards per image.
+- ``shapley-value-sampling`` (Castro et al., Computers & OR 2009; Strumbelj & Kononenko,
+  JMLR 2010): a_s = mean over n random orderings of the segments of f(segments up to and
+  including s present) - f(segments before s present), absent segments set to ``fill``;
+  ``ShapleyValueSampling(f).attribute(x, baselines=fill, feature_mask, n_samples, target)``.
+  1 + n x segments forwards per image (the all-absent image once, then every ordering adds
+  the segments one at a time); images one by one, orderings drawn from torch's generator,
+  seeded per image.
 
 Segments (``segments``): ``patches``, squares of ``patch`` pixels (the last row and column of
 squares are cut by the border), or ``slic``: SLIC superpixels (Achanta et al., TPAMI 2012) by
@@ -43,7 +50,7 @@ import warnings
 import numpy as np
 import torch
 from captum._utils.models.linear_model import SkLearnLasso
-from captum.attr import FeatureAblation, KernelShap, Lime, Occlusion
+from captum.attr import FeatureAblation, KernelShap, Lime, Occlusion, ShapleyValueSampling
 
 import xbench
 from xbench import Explainer, hookimpl, masked_batch_size
@@ -229,7 +236,37 @@ class KernelShapMap(CaptumPerturbation):
             perturbations_per_eval=self.per_eval(model, image))
 
 
+class ShapleyValueSamplingMap(CaptumPerturbation):
+    """a_s = mean over n random segment orderings of the score gained when segment s joins,
+    captum ``ShapleyValueSampling`` (Castro et al. 2009, Strumbelj & Kononenko 2010);
+    1 + n x segments forwards."""
+
+    name = "shapley-value-sampling"
+    summary = "Shapley value sampling: mean marginal gain over random segment orderings, captum ShapleyValueSampling (1 + n x segments F)"
+    stochastic = True
+
+    class Options(SegmentOptions):
+        samples: int = xbench.option(25, "random orderings n (captum's default)", minimum=1)
+
+    # 2 orderings of ~25 superpixels: ~51 forwards per image
+    profiles = {"quick": {"samples": 2, "n_segments": 25}}
+
+    def expected_forward_passes(self, model):
+        o = self.options
+        if o.segments == "patches":
+            side = -(-model.input_size // o.patch)
+            return 1 + o.samples * side * side
+        return 1 + o.samples * o.n_segments
+
+    def attribute(self, model, image, target):
+        return ShapleyValueSampling(self.forward_func(model)).attribute(
+            image, baselines=self.options.fill, feature_mask=self.feature_mask(image[0]),
+            target=target, n_samples=self.options.samples,
+            perturbations_per_eval=self.per_eval(model, image))
+
+
 @hookimpl
 def register_explainers(register):
-    for cls in (OcclusionMap, FeatureAblationMap, LimeMap, KernelShapMap):
+    for cls in (OcclusionMap, FeatureAblationMap, LimeMap, KernelShapMap,
+                ShapleyValueSamplingMap):
         register(cls)
