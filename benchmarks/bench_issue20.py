@@ -8,6 +8,10 @@ Targets, as ratios measured in one process with interleaved rounds (minimum per 
   target and settings);
 - occlusion and kernel-shap within 1.3x of their forward-pass bound (1 + windows, resp. n
   forwards, through the engine ``xbench run`` uses on this CPU, in its batches).
+The remaining zoo methods (last session's second half): deeplift-shap and expected-gradients
+against captum's DeepLiftShap / GradientShap on the same references, lrp against zennit's
+Gradient attributor with the same composite and canonizers, shapley-value-sampling against its
+forward bound (1 + n x segments). Run only these with ``-k "zoo"``.
 Light settings keep a round short: IG 16 steps, SmoothGrad 10 samples, occlusion 32/32 (49
 windows), KernelSHAP 64 samples; the ratios are per pass, so they hold for heavier settings.
 """
@@ -118,3 +122,79 @@ def test_black_box_within_1_3x_of_forward_bound(benchmark, engine_model, photo, 
     ratio = times["xbench"] / times["engine forward"]
     report(benchmark, times, ratio=ratio)
     assert ratio <= 1.3, f"{name}: {ratio:.2f}x its forward bound"
+
+
+def _references(image, count):
+    from xbench_plugins.captum_gradients import make_references
+
+    return make_references(image[0], "uniform", count, 0, 0.05)
+
+
+def _seeded_peer(fn, image):
+    from xbench_plugins.captum_gradients import seeded
+    from xbench_plugins.controls import image_seed
+
+    def call():
+        with seeded(image_seed(0, image[0]), image.device):
+            return fn()
+    return call
+
+
+def _zennit_lrp(model, image, target):
+    from zennit.attribution import Gradient
+
+    from xbench_plugins import lrp
+
+    mean = torch.tensor(model.loaded.mean)[:, None, None]
+    std = torch.tensor(model.loaded.std)[:, None, None]
+    composite = lrp.make_composite("epsilon-plus-flat", 1e-6, model, lrp.canonizers(model.net))
+    with torch.no_grad():
+        logits = model.net((image - mean) / std)
+    onehot = torch.zeros_like(logits).scatter_(1, target[:, None], 1.0) * logits
+    with Gradient(model=model.net, composite=composite) as attributor:
+        _, relevance = attributor((image - mean) / std, onehot)
+    return relevance
+
+
+@pytest.mark.parametrize("name", ["deeplift-shap", "expected-gradients", "lrp"])
+def test_zoo_adapter_within_1_2x_of_library(benchmark, model, photo, name):
+    from captum.attr import DeepLiftShap, GradientShap
+
+    image, target = photo
+    x = image.clone().requires_grad_(True)
+    refs = _references(image, 4)
+    if name == "deeplift-shap":
+        model = relu_twin(model)  # plain captum hooks no ReLU6 (see deeplift above)
+        options = {"references": 4}
+        peer = direct(_seeded_peer(
+            lambda: DeepLiftShap(model).attribute(x, baselines=refs, target=target), image))
+    elif name == "expected-gradients":
+        options = {"samples": 8, "references": 4}
+        peer = direct(_seeded_peer(lambda: GradientShap(model).attribute(
+            x, baselines=refs, n_samples=8, stdevs=0.0, target=target), image))
+    else:
+        options = {}
+        peer = partial(lambda: _zennit_lrp(model, image, target).abs().amax(dim=1))
+    times = interleaved_min({
+        "xbench": partial(ours, name, model, image, target, **options),
+        "library": peer,
+    })
+    ratio = times["xbench"] / times["library"]
+    report(benchmark, times, ratio=ratio)
+    assert ratio <= 1.2, f"{name}: {ratio:.2f}x the library"
+
+
+def test_zoo_shapley_value_sampling_within_1_3x_of_forward_bound(benchmark, engine_model,
+                                                                  photo):
+    image, target = photo
+    options = {"samples": 2, "segments": "patches", "patch": 56}  # 16 patches: 1 + 32 passes
+    passes = 1 + 2 * 16
+    inputs = torch.rand(passes, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(9))
+    times = interleaved_min({
+        "xbench": partial(ours, "shapley-value-sampling", engine_model, image, target,
+                          **options),
+        "engine forward": partial(engine_model.probabilities, inputs),
+    })
+    ratio = times["xbench"] / times["engine forward"]
+    report(benchmark, times, ratio=ratio)
+    assert ratio <= 1.3, f"shapley-value-sampling: {ratio:.2f}x its forward bound"

@@ -37,10 +37,12 @@ channel-mean activation, i.e. the component points where the layer is active).
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 import xbench
 from xbench import Explainer, capture_activations, hookimpl, masked_batch_size
+from xbench_plugins.controls import image_seed
 from xbench_plugins.gradcam import target_layer_gradients
 
 
@@ -216,7 +218,175 @@ class AblationCAM(_CAMVariant):
         return torch.relu((weights[:, :, None, None] * activation).sum(dim=1))
 
 
+def layer_activation(model, layer: str | None, images: torch.Tensor) -> torch.Tensor:
+    """One forward, no backward: the target layer's activations (B, K, h, w), detached."""
+    with capture_activations(model.layer(layer), keep_grad=False) as store:
+        model(images)
+    if "activation" not in store:
+        raise RuntimeError(f"layer {layer!r} was not called during the forward pass")
+    return store["activation"].detach()
+
+
+KERNELS = ("sigmoid", "rbf", "poly", "linear", "cosine")
+
+
+def kernel_matrix(x: torch.Tensor, kernel: str, gamma: float, coef0: float,
+                  degree: int) -> torch.Tensor:
+    """k(X, X) for (n, K) rows X, with sklearn's kernel definitions."""
+    if kernel == "sigmoid":
+        return torch.tanh(gamma * (x @ x.T) + coef0)
+    if kernel == "rbf":
+        return torch.exp(-gamma * torch.cdist(x, x).pow(2))
+    if kernel == "poly":
+        return (gamma * (x @ x.T) + coef0) ** degree
+    if kernel == "linear":
+        return x @ x.T
+    if kernel == "cosine":
+        unit = x / x.norm(dim=1, keepdim=True).clamp(min=1e-12)
+        return unit @ unit.T
+    raise ValueError(f"unknown kernel {kernel!r}; choose one of {', '.join(KERNELS)}")
+
+
+def kernel_pca_projection(features: torch.Tensor, kernel: str = "sigmoid",
+                          gamma: float | None = None, coef0: float = 1.0, degree: int = 3,
+                          dense_limit: int = 4096) -> torch.Tensor:
+    """(B, K, h, w) -> (B, h, w): the first kernel principal component of the centred
+    activations, sqrt(lambda_1) v_1, signed so that its entry of largest |.| is positive."""
+    batch, channels, height, width = features.shape
+    out = []
+    for f in features.detach().double().nan_to_num(0.0):
+        x = f.reshape(channels, -1).T
+        x = x - x.mean(dim=0, keepdim=True)
+        k = kernel_matrix(x, kernel, 1.0 / channels if gamma is None else gamma, coef0, degree)
+        k = k - k.mean(dim=0, keepdim=True) - k.mean(dim=1, keepdim=True) + k.mean()
+        n = k.shape[0]
+        if n <= dense_limit:
+            values, vectors = torch.linalg.eigh(k)
+            value, vector = values[-1], vectors[:, -1]
+        else:  # a fixed start vector keeps it deterministic
+            start = torch.randn(n, 2, generator=torch.Generator().manual_seed(0),
+                                dtype=k.dtype)
+            values, vectors = torch.lobpcg(k, k=1, X=start[:, :1], largest=True, tol=1e-9)
+            value, vector = values[0], vectors[:, 0]
+        vector = vector * torch.sign(vector[vector.abs().argmax()])
+        out.append((vector * value.clamp(min=0).sqrt()).float().view(height, width))
+    return torch.stack(out).to(features.device)
+
+
+class KPCACAM(_CAMVariant):
+    """L = ReLU(sqrt(lambda_1) v_1), the first kernel principal component of the centred
+    (hw, K) activations (Karmani et al. 2024; pytorch-grad-cam's KPCA_CAM); 1 F + 0 B."""
+
+    name = "kpca-cam"
+    needs_gradients = False
+    summary = "KPCA-CAM: first kernel principal component of the activations (1 F)"
+
+    class Options(xbench.Options):
+        kernel: str = xbench.option("sigmoid", "kernel of the kernel PCA (pytorch-grad-cam's "
+                                    "default sigmoid)", choices=KERNELS)
+        gamma: float | None = xbench.option(None, "kernel coefficient (default 1/K, sklearn's)",
+                                            above=0.0)
+        coef0: float = xbench.option(1.0, "sigmoid/poly kernel offset (sklearn's default)")
+        degree: int = xbench.option(3, "poly kernel degree (sklearn's default)", minimum=1)
+        dense_limit: int = xbench.option(
+            4096, "positions h w up to which the eigenpair is found by a dense "
+                  "eigendecomposition; above it, by LOBPCG", minimum=3, in_variant=False)
+
+    def explain(self, model, images, targets):
+        o = self.options
+        activation = layer_activation(model, self.layer, images)
+        return torch.relu(kernel_pca_projection(activation, o.kernel, o.gamma, o.coef0,
+                                                o.degree, o.dense_limit))
+
+
+class ShapleyCAM(_CAMVariant):
+    """L = ReLU(sum_k w_k A^k), w_k = mean_ij (G - 1/2 H A)^k_ij, H A the Hessian-vector
+    product of the ReST score y^c + log softmax(y)_c (Cai et al. 2025); 1 F + 2 B."""
+
+    name = "shapleycam"
+    summary = "ShapleyCAM: gradient minus half the Hessian-vector product as weights (1 F + 2 B)"
+
+    class Options(xbench.Options):
+        score: str = xbench.option("rest", "score explained: ReST y^c + log p_c (the paper) "
+                                   "or the logit y^c", choices=("rest", "logit"))
+
+    def explain(self, model, images, targets):
+        module = model.layer(self.layer)
+        with torch.enable_grad(), capture_activations(module, keep_grad=False) as store:
+            logits = model(images.detach().requires_grad_(True))
+            if "activation" not in store:
+                raise RuntimeError(f"layer {self.layer!r} was not called during the forward pass")
+            activation = store["activation"]
+            score = logits.gather(1, targets[:, None])
+            if self.options.score == "rest":
+                score = score + logits.log_softmax(dim=1).gather(1, targets[:, None])
+            (gradient,) = torch.autograd.grad(score.sum(), activation, create_graph=True)
+            if gradient.requires_grad:
+                (hvp,) = torch.autograd.grad(gradient, activation,
+                                             grad_outputs=activation.detach(),
+                                             allow_unused=True)
+            else:  # the gradient does not depend on A: H A = 0
+                hvp = None
+        hvp = torch.zeros_like(activation) if hvp is None else hvp.detach()
+        weights = (gradient.detach() - 0.5 * hvp).mean(dim=(2, 3), keepdim=True)
+        return torch.relu((weights * activation.detach()).sum(dim=1))
+
+
+class FinerCAM(_CAMVariant):
+    """Grad-CAM of sum_j p_j (y^c - alpha y^j) / (sum_j p_j + eps) over the classes j with the
+    nearest logits (Zhang et al. 2025; pytorch-grad-cam's FinerCAM over GradCAM); 1 F + 1 B."""
+
+    name = "finercam"
+    summary = "Finer-CAM: Grad-CAM of the target against its most similar classes (1 F + 1 B)"
+
+    class Options(xbench.Options):
+        alpha: float = xbench.option(1.0, "weight of the compared classes' logits (the "
+                                     "paper's and pytorch-grad-cam's default)", minimum=0.0)
+        comparisons: int = xbench.option(3, "compared classes: those whose logits are nearest "
+                                         "the target's (pytorch-grad-cam's 1, 2, 3)", minimum=1)
+        eps: float = xbench.option(1e-9, "added to sum_j p_j (pytorch-grad-cam's value)",
+                                   minimum=0.0)
+
+    def explain(self, model, images, targets):
+        module = model.layer(self.layer)
+        o = self.options
+        with torch.enable_grad(), capture_activations(module, keep_grad=False) as store:
+            logits = model(images.detach().requires_grad_(True))
+            if "activation" not in store:
+                raise RuntimeError(f"layer {self.layer!r} was not called during the forward pass")
+            activation = store["activation"]
+            main = logits.gather(1, targets[:, None])
+            distance = (logits.detach() - main.detach()).abs()
+            distance.scatter_(1, targets[:, None], -1.0)  # the target itself sorts first
+            count = min(o.comparisons, logits.shape[1] - 1)
+            others = distance.argsort(dim=1, stable=True)[:, 1:1 + count]
+            p = logits.softmax(dim=1).gather(1, others)
+            score = (p * (main - o.alpha * logits.gather(1, others))).sum(dim=1) / (
+                p.sum(dim=1) + o.eps)
+            (gradient,) = torch.autograd.grad(score.sum(), activation)
+        weights = gradient.mean(dim=(2, 3), keepdim=True)
+        return torch.relu((weights * activation.detach()).sum(dim=1))
+
+
+class RandomCAM(_CAMVariant):
+    """L = ReLU(sum_k w_k A^k), w_k ~ U(-1, 1) seeded per image (pytorch-grad-cam's
+    RandomCAM, a control); 1 F + 0 B."""
+
+    name = "randomcam"
+    needs_gradients = False
+    summary = "RandomCAM: random channel weights U(-1, 1), a CAM-shaped control (1 F)"
+
+    def explain(self, model, images, targets):
+        activation = layer_activation(model, self.layer, images)
+        channels = activation.shape[1]
+        weights = torch.from_numpy(np.stack([
+            np.random.RandomState(image_seed(self.seed, image) % 2 ** 32).uniform(-1, 1, channels)
+            for image in images])).to(activation.device, activation.dtype)
+        return torch.relu((weights[:, :, None, None] * activation).sum(dim=1))
+
+
 @hookimpl
 def register_explainers(register):
-    for cls in (XGradCAM, HiResCAM, GradCAMElementWise, EigenCAM, EigenGradCAM, AblationCAM):
+    for cls in (XGradCAM, HiResCAM, GradCAMElementWise, EigenCAM, EigenGradCAM, AblationCAM,
+                KPCACAM, ShapleyCAM, FinerCAM, RandomCAM):
         register(cls)

@@ -27,6 +27,18 @@ Methods and captum calls (a = attribution, (B, 3, H, W)):
 - ``deeplift`` (Shrikumar et al., ICML 2017), rescale rule: multipliers Delta y / Delta x at
   every elementwise nonlinearity, a = (x - x') * m; ``DeepLift(f).attribute(x, baselines=x',
   target)``. captum runs x and x' as one batch of 2: 2 F + 2 B per image.
+- ``deeplift-shap`` (Lundberg & Lee, NeurIPS 2017, "DeepSHAP"): DeepLift's rescale-rule
+  attribution against each of n references x'_j of a reference distribution, averaged:
+  a = 1/n sum_j (x - x'_j) * m(x, x'_j); ``DeepLiftShap(f).attribute(x, baselines=X', target)``
+  with the same extended rule table as ``deeplift``. captum runs the n (input, reference)
+  pairs as one batch of 2n: 2n F + 2n B per image.
+- ``expected-gradients`` (Erion et al., Nature Machine Intelligence 2021, "Improving
+  performance of deep learning models with axiomatic attribution priors and expected
+  gradients", eq. 4): a = E_{x' ~ D, t ~ U(0, 1)} [(x - x') dy^c(x' + t (x - x'))/dx],
+  estimated with k draws; D = the reference distribution. This is exactly captum's
+  ``GradientShap(f).attribute(x, baselines=X', n_samples=k, stdevs=0)`` (it draws a reference
+  from X' uniformly, with replacement, and t ~ U(0, 1) per sample), so it is that call.
+  k F + k B.
 - ``deconvolution`` (Zeiler & Fergus, ECCV 2014): backward through every rectifier as
   ReLU(grad_out), ignoring the forward; ``Deconvolution(f).attribute(x, target)``. 1 F + 1 B.
 
@@ -51,6 +63,14 @@ variant. Baselines x' (IG, GradientShap, DeepLift): ``black`` (0 in pixel space)
 ``uniform`` (U[0, 1) noise). Random draws (noise samples, uniform baselines) are seeded from
 the run seed and the image's content (:func:`xbench_plugins.controls.image_seed`), image by
 image, so a batch gives the maps of its images explained one by one.
+
+Reference distribution of ``deeplift-shap`` and ``expected-gradients`` (``reference``, with
+``references`` = n images): ``uniform`` (default: n images of U[0, 1) noise, drawn per image from
+its seed), ``blur`` (the image blurred by n Gaussians of sigma = ``blur_sigma`` x min(H, W) x
+j / n, j = 1..n) or ``black`` (n black images: DeepLiftShap is then DeepLift, Expected
+Gradients a Monte-Carlo Integrated Gradients). Erion et al. draw references from the training
+data; an explainer plugin sees no data set, so xbench pins a data-free distribution (recorded
+in the variant) and says so.
 """
 
 from __future__ import annotations
@@ -61,7 +81,7 @@ import warnings
 import numpy as np
 import torch
 import torch.nn.functional as F
-from captum.attr import (DeepLift, Deconvolution, GradientShap, InputXGradient,
+from captum.attr import (DeepLift, DeepLiftShap, Deconvolution, GradientShap, InputXGradient,
                          IntegratedGradients, NoiseTunnel, Saliency)
 from captum.attr._core import deep_lift as captum_deep_lift
 from torch import nn
@@ -72,6 +92,7 @@ from xbench_plugins.controls import image_generator, image_seed
 
 REDUCTIONS = ("max-abs", "sum-abs", "sum", "l2")
 BASELINES = ("black", "blur", "uniform")
+REFERENCES = ("uniform", "blur", "black")
 
 
 def reduce_channels(attribution: torch.Tensor, reduction: str) -> torch.Tensor:
@@ -110,6 +131,21 @@ def make_baselines(images: torch.Tensor, kind: str, seed: int, blur_sigma: float
         return torch.stack([torch.rand(image.shape, generator=image_generator(seed, image))
                             for image in images]).to(images.device, images.dtype)
     raise ValueError(f"unknown baseline {kind!r}; choose one of {', '.join(BASELINES)}")
+
+
+def make_references(image: torch.Tensor, kind: str, count: int, seed: int,
+                    blur_sigma: float) -> torch.Tensor:
+    """The reference distribution X' (count, 3, H, W) of one pixel-space image (3, H, W)."""
+    if kind == "uniform":
+        return torch.rand((count, *image.shape), generator=image_generator(seed, image)).to(
+            image.device, image.dtype)
+    if kind == "blur":
+        side = min(image.shape[-2:])
+        return torch.cat([gaussian_blur(image[None], blur_sigma * side * j / count)
+                          for j in range(1, count + 1)])
+    if kind == "black":
+        return torch.zeros((count, *image.shape), device=image.device, dtype=image.dtype)
+    raise ValueError(f"unknown reference {kind!r}; choose one of {', '.join(REFERENCES)}")
 
 
 @contextlib.contextmanager
@@ -293,8 +329,8 @@ UNHANDLED_ACTIVATIONS = (nn.PReLU, nn.RReLU, nn.CELU, nn.SELU, nn.GLU, nn.LogSig
                          nn.Softshrink, nn.Hardshrink, nn.AdaptiveMaxPool2d)
 
 
-class _DeepLiftAnyActivation(DeepLift):
-    """captum's DeepLift with the rescale rule also at ``EXTRA_RESCALE`` modules."""
+class _AnyActivationRules:
+    """captum's DeepLift rule table with the rescale rule also at ``EXTRA_RESCALE`` modules."""
 
     rules = {**captum_deep_lift.SUPPORTED_NON_LINEAR,
              **{t: captum_deep_lift.nonlinear for t in EXTRA_RESCALE}}
@@ -312,6 +348,24 @@ class _DeepLiftAnyActivation(DeepLift):
         return multipliers
 
 
+class _DeepLiftAnyActivation(_AnyActivationRules, DeepLift):
+    """captum's DeepLift with the rescale rule also at ``EXTRA_RESCALE`` modules."""
+
+
+class _DeepLiftShapAnyActivation(_AnyActivationRules, DeepLiftShap):
+    """captum's DeepLiftShap with the rescale rule also at ``EXTRA_RESCALE`` modules."""
+
+
+def refuse_unhandled_activations(model, explainer: str) -> None:
+    for name, module in model.net.named_modules():
+        if type(module) in UNHANDLED_ACTIVATIONS:
+            raise UserError(
+                f"{explainer}: module {name!r} of the model is a {type(module).__name__}, for "
+                f"which neither captum nor xbench has a DeepLift rule (supported: ReLU, "
+                f"ReLU6, ELU, LeakyReLU, Sigmoid, Tanh, Softplus, SiLU, GELU, Hardswish, "
+                f"Hardsigmoid, Mish, max pooling); use integrated-gradients instead")
+
+
 class DeepLiftMap(CaptumGradient):
     """DeepLift rescale rule, a = (x - x') * multipliers, captum ``DeepLift`` with the rule also
     at ReLU6/Hardtanh/SiLU/GELU/Hardswish/Hardsigmoid/Mish (Shrikumar et al. 2017); 2 F + 2 B."""
@@ -322,15 +376,70 @@ class DeepLiftMap(CaptumGradient):
     passes = xbench.Passes(2, 2)
 
     def attribute(self, model, images, targets):
-        for name, module in model.net.named_modules():
-            if type(module) in UNHANDLED_ACTIVATIONS:
-                raise UserError(
-                    f"deeplift: module {name!r} of the model is a {type(module).__name__}, for "
-                    f"which neither captum nor xbench has a DeepLift rule (supported: ReLU, "
-                    f"ReLU6, ELU, LeakyReLU, Sigmoid, Tanh, Softplus, SiLU, GELU, Hardswish, "
-                    f"Hardsigmoid, Mish, max pooling); use integrated-gradients instead")
+        refuse_unhandled_activations(model, self.name)
         return _DeepLiftAnyActivation(model).attribute(
             images, baselines=self.baselines(images), target=targets)
+
+
+class ReferenceOptions(GradientOptions):
+    reference: str = xbench.option("uniform", "reference distribution: U[0,1) noise images, "
+                                   "the image blurred at n widths, or black",
+                                   choices=REFERENCES)
+    blur_sigma: float = xbench.option(0.05, "blur references: the widest sigma, as a fraction "
+                                      "of the image's shorter side", above=0.0)
+
+
+class DeepLiftShapMap(CaptumGradient):
+    """a = 1/n sum_j DeepLift(x; x'_j), x'_j from the reference distribution, captum
+    ``DeepLiftShap`` extended to ReLU6 & co as ``deeplift`` (Lundberg & Lee 2017);
+    2n F + 2n B."""
+
+    name = "deeplift-shap"
+    summary = "DeepLiftSHAP: DeepLift averaged over n references, captum DeepLiftShap (2n F + 2n B)"
+    stochastic = True  # the uniform references are drawn per image
+
+    class Options(ReferenceOptions):
+        references: int = xbench.option(16, "references n (one DeepLift pass pair each)",
+                                        minimum=1)
+
+    profiles = {"quick": {"references": 8}}
+
+    def expected_forward_passes(self, model):
+        return 2 * self.options.references
+
+    def attribute(self, model, images, targets):
+        refuse_unhandled_activations(model, self.name)
+        o = self.options
+        references = make_references(images[0].detach(), o.reference, o.references, self.seed,
+                                     o.blur_sigma)
+        return _DeepLiftShapAnyActivation(model).attribute(images, baselines=references,
+                                                           target=targets)
+
+
+class ExpectedGradientsMap(CaptumGradient):
+    """a = E_{x' ~ D, t ~ U(0,1)}[(x - x') dy^c(x' + t (x - x'))/dx] over k draws (Erion et
+    al. 2021), = captum ``GradientShap(baselines=D, n_samples=k, stdevs=0)``; k F + k B."""
+
+    name = "expected-gradients"
+    summary = "Expected Gradients: path gradients from references drawn at random, captum GradientShap (k F + k B)"
+    stochastic = True
+
+    class Options(ReferenceOptions):
+        samples: int = xbench.option(50, "draws k of (reference, t)", minimum=1)
+        references: int = xbench.option(16, "size n of the reference set drawn from",
+                                        minimum=1)
+
+    profiles = {"quick": {"samples": 16}}
+
+    def expected_forward_passes(self, model):
+        return self.options.samples
+
+    def attribute(self, model, images, targets):
+        o = self.options
+        references = make_references(images[0].detach(), o.reference, o.references, self.seed,
+                                     o.blur_sigma)
+        return GradientShap(model).attribute(images, baselines=references,
+                                             n_samples=o.samples, stdevs=0.0, target=targets)
 
 
 class _DeconvolutionAllRectifiers(Deconvolution):
@@ -356,5 +465,6 @@ class DeconvolutionMap(CaptumGradient):
 @hookimpl
 def register_explainers(register):
     for cls in (SaliencyMap, InputXGradientMap, IntegratedGradientsMap, SmoothGradMap,
-                VarGradMap, GradientShapMap, DeepLiftMap, DeconvolutionMap):
+                VarGradMap, GradientShapMap, DeepLiftMap, DeconvolutionMap, DeepLiftShapMap,
+                ExpectedGradientsMap):
         register(cls)

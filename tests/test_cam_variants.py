@@ -228,3 +228,127 @@ def test_unknown_layer_and_bad_options(name):
         explain(name, toy_model(), toy_images(1), torch.tensor([0]), layer="nope")
     with pytest.raises(ValueError, match="eigencam.*sign"):
         REGISTRY.explainer("eigencam")(sign="positive")
+
+
+# --- KPCA-CAM, ShapleyCAM, FinerCAM, RandomCAM (pytorch-grad-cam 1.5.7's definitions) --------
+
+NEW = ["kpca-cam", "shapleycam", "finercam", "randomcam"]
+
+
+def new_peer(name, model, layer, images, targets, seed=0) -> torch.Tensor:
+    """pytorch-grad-cam's map, image by image (RandomCAM draws from numpy's global generator,
+    seeded here as the plugin seeds its per-image RandomState)."""
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputReST, ClassifierOutputTarget
+
+    from xbench_plugins.controls import image_seed
+
+    module = [model.layer(layer)]
+    if name == "finercam":  # the peer chooses the main class itself: the top-1, as our targets
+        cam = pytorch_grad_cam.FinerCAM(model, module)
+        try:
+            return torch.from_numpy(cam(images)).float()
+        finally:
+            cam.base_cam.activations_and_grads.release()
+    peer = {"kpca-cam": "KPCA_CAM", "shapleycam": "ShapleyCAM", "randomcam": "RandomCAM"}[name]
+    target = ClassifierOutputReST if name == "shapleycam" else ClassifierOutputTarget
+    cam = getattr(pytorch_grad_cam, peer)(model=model, target_layers=module)
+    outs = []
+    try:
+        for i in range(len(images)):
+            np.random.seed(image_seed(seed, images[i]) % 2 ** 32)
+            outs.append(cam(input_tensor=images[i:i + 1], targets=[target(int(targets[i]))]))
+    finally:
+        cam.activations_and_grads.release()
+    return torch.from_numpy(np.concatenate(outs)).float()
+
+
+def assert_new_agrees(name, model, layer, images):
+    targets = model.probabilities(images).argmax(dim=1)
+    mine, degenerate = normalize_maps(explain(name, model, images, targets, layer=layer),
+                                      images.shape[-2:])
+    theirs = new_peer(name, model, layer, images, targets)
+    for i in range(len(images)):
+        if degenerate[i]:  # an all-zero ReLU (RandomCAM can draw one): the peer's too
+            assert theirs[i].abs().max() < 1e-6, (name, layer, i)
+        else:
+            assert pearson(mine[i], theirs[i]) >= 0.999, (name, layer, i)
+
+
+@pytest.mark.parametrize("name", NEW)
+@pytest.mark.parametrize("layer", ["head", "block.0"])
+def test_new_variants_agree_with_pytorch_grad_cam_on_the_toy(name, layer):
+    assert_new_agrees(name, toy_model(), layer, toy_images(2, seed=3))
+
+
+@pytest.mark.parametrize("name", NEW)
+def test_new_variants_agree_on_random_resnet18(name, resnet18):
+    assert_new_agrees(name, resnet18, "layer4", toy_images(2, size=96, seed=3))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", NEW)
+def test_new_variants_agree_on_efficientnet_lite0(name, lite0):
+    model, images, _ = lite0
+    assert_new_agrees(name, model, model.default_layer, images[:1])
+
+
+@pytest.mark.parametrize("name", NEW)
+@pytest.mark.parametrize("layer", ["head", "stem"])
+def test_new_variants_conform_on_every_layer(name, layer):
+    assert REGISTRY.explainer(name).library == "xbench"
+    check_explainer(REGISTRY.explainer(name), layer=layer)
+
+
+@pytest.mark.parametrize("name, options, forward, backward", [
+    ("kpca-cam", {}, 1, 0), ("randomcam", {}, 1, 0), ("finercam", {}, 1, 1),
+    ("shapleycam", {}, 1, 2), ("shapleycam", {"score": "logit"}, 1, 1)])
+def test_new_pass_counts(name, options, forward, backward):
+    model = toy_model()
+    with model.counting() as counts:
+        explain(name, model, toy_images(3), torch.tensor([0, 1, 2]), **options)
+    assert (counts["forward"], counts["backward"]) == (3 * forward, 3 * backward)
+
+
+def test_kpca_linear_kernel_is_eigencam_and_lobpcg_is_the_dense_pair():
+    """With k(x, y) = x.y the centred kernel matrix is X X^T, whose top eigenvector is the
+    first left singular vector of X: KPCA-CAM's map is EigenCAM's up to the scale
+    sqrt(lambda_1) / sigma_1 = 1. LOBPCG finds the same pair as the dense solver."""
+    from xbench_plugins.cam_variants import kernel_pca_projection
+
+    features = torch.randn(2, 6, 5, 4, generator=torch.Generator().manual_seed(1))
+    linear = kernel_pca_projection(features, "linear")
+    assert torch.allclose(linear, eigen_projection(features), atol=1e-4)
+    sigmoid = kernel_pca_projection(features)
+    assert torch.allclose(kernel_pca_projection(features, dense_limit=3), sigmoid, atol=1e-4)
+    assert not torch.allclose(sigmoid / sigmoid.norm(), linear / linear.norm(), atol=1e-2)
+
+
+def test_shapleycam_logit_on_a_piecewise_linear_net_is_gradcam():
+    """ReLU6 network, logit score: H A = 0, so the weights are Grad-CAM's mean gradient."""
+    model, images, targets = toy_model(), toy_images(2, seed=5), torch.tensor([3, 7])
+    assert torch.allclose(explain("shapleycam", model, images, targets, layer="head",
+                                  score="logit"),
+                          explain("gradcam", model, images, targets, layer="head"), atol=1e-6)
+    assert not torch.allclose(explain("shapleycam", model, images, targets, layer="head"),
+                              explain("gradcam", model, images, targets, layer="head"),
+                              atol=1e-4)
+
+
+def test_finercam_with_alpha_0_and_one_comparison_is_gradcam():
+    """alpha = 0, eps = 0: the score p_j y^c / p_j is y^c itself, so the map is Grad-CAM's."""
+    model, images, targets = toy_model(), toy_images(2, seed=6), torch.tensor([1, 2])
+    mine = explain("finercam", model, images, targets, layer="head", alpha=0.0, comparisons=1,
+                   eps=0.0)
+    assert torch.allclose(mine, explain("gradcam", model, images, targets, layer="head"),
+                          rtol=1e-4, atol=1e-6)
+
+
+def test_randomcam_is_seeded_per_image():
+    model, images = toy_model(), toy_images(3, seed=7)
+    targets = torch.tensor([0, 1, 2])
+    a = explain("randomcam", model, images, targets, layer="head")
+    assert torch.equal(a, REGISTRY.explainer("randomcam")(layer="head", seed=0).explain(
+        model, images, targets))
+    assert torch.equal(a[1:], explain("randomcam", model, images[1:], targets[1:], layer="head"))
+    b = REGISTRY.explainer("randomcam")(layer="head", seed=1).explain(model, images, targets)
+    assert not torch.equal(a, b)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 import torchvision
-from captum.attr import (DeepLift, Deconvolution, GradientShap, InputXGradient,
+from captum.attr import (DeepLift, DeepLiftShap, Deconvolution, GradientShap, InputXGradient,
                          IntegratedGradients, NoiseTunnel, Saliency)
 from torch import nn
 
@@ -245,3 +245,123 @@ def test_deeplift_sums_to_delta_on_efficientnet_lite0(lite0_photo):
     with torch.no_grad():
         delta = (model(image) - model(torch.zeros_like(image)))[0, target]
     assert a.sum().item() == pytest.approx(delta.item(), rel=1e-3, abs=1e-3)
+
+
+# --- DeepLiftShap and Expected Gradients: reference distributions ------------------------------
+
+REF_LIGHT = {"deeplift-shap": {"references": 3}, "expected-gradients": {"samples": 4,
+                                                                        "references": 3}}
+
+
+def references_of(image, seed=0, kind="uniform", count=3):
+    return cg.make_references(image, kind, count, seed, 0.05)
+
+
+def reference_peer(name, model, images, targets, seed=0, **options):
+    """captum called directly, image by image, with the references the plugin documents."""
+    parts = []
+    for i in range(len(images)):
+        x = images[i:i + 1].clone().requires_grad_(True)
+        refs = references_of(images[i], seed, options.get("reference", "uniform"),
+                             options["references"])
+        torch.manual_seed(image_seed(seed, images[i]))
+        np.random.seed(image_seed(seed, images[i]) % 2 ** 32)
+        if name == "deeplift-shap":
+            parts.append(DeepLiftShap(model).attribute(x, baselines=refs,
+                                                       target=targets[i:i + 1]))
+        else:
+            parts.append(GradientShap(model).attribute(x, baselines=refs,
+                                                       n_samples=options["samples"],
+                                                       stdevs=0.0, target=targets[i:i + 1]))
+    return torch.cat(parts).detach().abs().amax(dim=1)
+
+
+@pytest.mark.parametrize("name", list(REF_LIGHT))
+def test_reference_methods_conform(name):
+    cls = REGISTRY.explainer(name)
+    assert cls.library == "captum" and "quick" in cls.profiles
+    check_explainer(cls, options=REF_LIGHT[name])
+    check_explainer(cls, options={**REF_LIGHT[name], "reference": "blur"})
+
+
+@pytest.mark.parametrize("name", list(REF_LIGHT))
+def test_reference_methods_equal_captum_on_relu_networks(name, resnet18):
+    for model, size in ((relu_toy(), 32), (resnet18, 64)):
+        images = toy_images(2, size=size, seed=3)
+        targets = torch.tensor([4, 1])
+        with torch.enable_grad():
+            mine = ours(name, model, images, targets, seed=2, **REF_LIGHT[name])
+            ref = reference_peer(name, model, images, targets, seed=2, **REF_LIGHT[name])
+        assert torch.allclose(mine, ref, rtol=1e-4, atol=1e-7), name
+
+
+def test_expected_gradients_equals_gradient_shap_on_the_relu6_toy():
+    model, images, targets = toy_model(), toy_images(2, seed=6), torch.tensor([0, 8])
+    options = {"samples": 5, "references": 4, "reference": "blur"}
+    with torch.enable_grad():
+        assert torch.allclose(ours("expected-gradients", model, images, targets, **options),
+                              reference_peer("expected-gradients", model, images, targets,
+                                             **options), rtol=1e-4, atol=1e-7)
+
+
+def test_deeplift_shap_is_the_mean_of_deeplifts_and_sums_to_the_mean_delta():
+    """Through the toy's ReLU6: a = 1/n sum_j DeepLift(x; x'_j), and sum a = y(x) - mean_j
+    y(x'_j) (summation to delta, averaged over the references)."""
+    model, images, targets = toy_model(), toy_images(1, seed=7), torch.tensor([5])
+    refs = references_of(images[0], count=3)
+    x = images.clone().requires_grad_(True)
+    with torch.enable_grad():
+        a = cg._DeepLiftShapAnyActivation(model).attribute(x, baselines=refs, target=targets)
+        each = torch.cat([cg._DeepLiftAnyActivation(model).attribute(
+            images.clone().requires_grad_(True), baselines=refs[j:j + 1], target=targets)
+            for j in range(3)])
+        maps = ours("deeplift-shap", model, images, targets, references=3)
+    assert torch.allclose(a[0], each.mean(dim=0), rtol=1e-4, atol=1e-6)
+    with torch.no_grad():
+        delta = model(images)[0, 5] - model(refs)[:, 5].mean()
+    assert a.sum().item() == pytest.approx(delta.item(), rel=1e-4, abs=1e-5)
+    assert torch.allclose(maps, a.detach().abs().amax(dim=1))
+
+
+def test_references_by_hand():
+    image = toy_images(1, size=16)[0]
+    noise = references_of(image, count=4)
+    assert noise.shape == (4, 3, 16, 16) and torch.equal(noise, references_of(image, count=4))
+    assert not torch.equal(noise, references_of(image, seed=1, count=4))
+    assert torch.equal(references_of(image, kind="black", count=2), torch.zeros(2, 3, 16, 16))
+    blurred = references_of(image, kind="blur", count=3)
+    assert blurred[0].var() > blurred[1].var() > blurred[2].var()  # wider and wider
+    assert torch.allclose(blurred[2], cg.make_baselines(image[None], "blur", 0, 0.05)[0])
+
+
+@pytest.mark.parametrize("name, options, forward, backward", [
+    ("deeplift-shap", {"references": 3}, 6, 6),
+    ("expected-gradients", {"samples": 4, "references": 3}, 4, 4)])
+def test_reference_pass_counts(name, options, forward, backward):
+    model = toy_model()
+    with model.counting() as counts, torch.enable_grad():
+        ours(name, model, toy_images(2), torch.tensor([0, 1]), **options)
+    assert (counts["forward"], counts["backward"]) == (2 * forward, 2 * backward)
+    assert REGISTRY.explainer(name)(**options).expected_forward_passes(model) == forward
+
+
+@pytest.mark.slow
+def test_deeplift_shap_sums_to_the_mean_delta_on_efficientnet_lite0(lite0_photo):
+    model, image, target = lite0_photo
+    refs = references_of(image[0], count=2)
+    with torch.enable_grad():
+        a = cg._DeepLiftShapAnyActivation(model).attribute(
+            image.clone().requires_grad_(True), baselines=refs, target=target)
+    with torch.no_grad():
+        delta = model(image)[0, target] - model(refs)[:, target].mean()
+    assert a.sum().item() == pytest.approx(delta.item(), rel=1e-3, abs=1e-3)
+
+
+@pytest.mark.slow
+def test_expected_gradients_equals_captum_on_efficientnet_lite0(lite0_photo):
+    model, image, target = lite0_photo
+    options = {"samples": 3, "references": 2}
+    with torch.enable_grad():
+        assert torch.allclose(ours("expected-gradients", model, image, target, **options),
+                              reference_peer("expected-gradients", model, image, target,
+                                             **options), rtol=1e-4, atol=1e-7)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 from captum._utils.models.linear_model import SkLearnLasso
-from captum.attr import FeatureAblation, KernelShap, Lime, Occlusion
+from captum.attr import FeatureAblation, KernelShap, Lime, Occlusion, ShapleyValueSampling
 from torch import nn
 
 from xbench.base import LoadedModel
@@ -21,7 +21,8 @@ REGISTRY = build_registry()
 LIGHT = {"occlusion": {}, "feature-ablation": {"segments": "patches", "patch": 8},
          "lime": {"samples": 30, "output": "logit", "segments": "patches", "patch": 8,
                   "lasso_alpha": 1e-4},
-         "kernel-shap": {"samples": 30, "segments": "patches", "patch": 8}}
+         "kernel-shap": {"samples": 30, "segments": "patches", "patch": 8},
+         "shapley-value-sampling": {"samples": 2, "segments": "patches", "patch": 8}}
 
 
 class Linear(nn.Module):
@@ -48,7 +49,8 @@ def explain(name, model, images, targets, seed=0, **options):
 @pytest.mark.parametrize("name", list(LIGHT))
 def test_conforms(name):
     cls = REGISTRY.explainer(name)
-    assert cls.library == "captum" and not cls.needs_gradients and "quick" in cls.profiles
+    assert cls.library == ("xbench" if name == "shapley-value-sampling" else "captum")
+    assert not cls.needs_gradients and "quick" in cls.profiles
     maps = check_explainer(cls, options={**LIGHT[name], "sign": "abs"})
     assert maps.amax(dim=(1, 2)).gt(0).all()  # not degenerate with these settings
 
@@ -74,6 +76,9 @@ def captum_direct(name, model, images, targets, seed=0, **options):
         elif name == "lime":
             a = Lime(f, interpretable_model=SkLearnLasso(alpha=options["lasso_alpha"])).attribute(
                 x, baselines=0.0, feature_mask=mask, target=t, n_samples=options["samples"])
+        elif name == "shapley-value-sampling":
+            a = ShapleyValueSampling(f).attribute(x, baselines=0.0, feature_mask=mask,
+                                                  target=t, n_samples=options["samples"])
         else:
             a = KernelShap(f).attribute(x, baselines=0.0, feature_mask=mask, target=t,
                                         n_samples=options["samples"])
@@ -96,12 +101,15 @@ def test_equals_captum_called_directly(name):
 
 
 @pytest.mark.parametrize("name, per_image", [
-    ("occlusion", 1 + 9), ("feature-ablation", 1 + 16), ("lime", 30), ("kernel-shap", 30)])
+    ("occlusion", 1 + 9), ("feature-ablation", 1 + 16), ("lime", 30), ("kernel-shap", 30),
+    ("shapley-value-sampling", 1 + 2 * 16)])
 def test_pass_counts(name, per_image):
     model = toy_model()  # 32 px: occlusion 16/8 -> 3 x 3 windows; 8 px patches -> 16 segments
     with model.counting() as counts:
         explain(name, model, toy_images(2), torch.tensor([0, 1]), **LIGHT[name])
     assert counts == {"forward": 2 * per_image, "backward": 0}
+    if name == "shapley-value-sampling":
+        assert REGISTRY.explainer(name)(**LIGHT[name]).expected_forward_passes(model) == per_image
 
 
 def test_feature_ablation_and_occlusion_on_a_linear_model_by_hand():
@@ -120,6 +128,10 @@ def test_feature_ablation_and_occlusion_on_a_linear_model_by_hand():
     maps = explain("feature-ablation", model, images, target, output="logit", sign="abs",
                    segments="patches", patch=4)
     assert torch.allclose(maps[0], expected.abs(), rtol=1e-4, atol=1e-5)
+    # a linear score is additive: every ordering gives each segment its exact contribution
+    shapley = explain("shapley-value-sampling", model, images, target, output="logit",
+                      sign="abs", segments="patches", patch=4, samples=2)
+    assert torch.allclose(shapley[0], expected.abs(), rtol=1e-4, atol=1e-5)
     occluded = explain("occlusion", model, images, target, output="logit", sign="abs",
                        window=8, stride=8)
     blocks = contribution.view(2, 8, 2, 8).sum(dim=(1, 3)).abs()  # 2 x 2 windows
@@ -174,3 +186,34 @@ def test_lime_default_is_not_degenerate_on_efficientnet_lite0():
     assert lime().options.output == "logit"
     assert explain("lime", model, image, target, samples=60).amax() > 0
     assert explain("lime", model, image, target, samples=60, output="probability").amax() == 0
+
+
+def test_shapley_value_sampling_equals_captum_on_random_resnet18():
+    import torchvision
+
+    torch.manual_seed(0)
+    net = torchvision.models.resnet18(weights=None, num_classes=10).eval()
+    model = ClassifierHandle(LoadedModel(module=net, input_size=64, mean=(0.485, 0.456, 0.406),
+                                         std=(0.229, 0.224, 0.225),
+                                         class_names=tuple("abcdefghij"),
+                                         default_layer="layer4"), name="resnet18-random")
+    images, targets = toy_images(1, size=64, seed=2), torch.tensor([3])
+    options = {"samples": 2, "segments": "patches", "patch": 16, "output": "logit"}
+    ref = captum_direct("shapley-value-sampling", model, images, targets, seed=1, **options)
+    mine = explain("shapley-value-sampling", model, images, targets, seed=1, sign="abs",
+                   **options)
+    assert torch.allclose(mine, ref.abs(), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_shapley_value_sampling_equals_captum_on_efficientnet_lite0():
+    from xbench.data import load_image, sample_images
+
+    model = ClassifierHandle(REGISTRY.model("efficientnet-lite0")().load())
+    image = load_image(sample_images()[1][1], model.loaded.resize_size, model.input_size)[None]
+    target = model.probabilities(image).argmax(dim=1)
+    options = {"samples": 1, "segments": "patches", "patch": 56}
+    ref = captum_direct("shapley-value-sampling", model, image, target, **options)
+    mine = explain("shapley-value-sampling", model, image, target, sign="abs", **options)
+    assert ref.abs().amax() > 0
+    assert torch.allclose(mine, ref.abs(), rtol=1e-4, atol=1e-5)
