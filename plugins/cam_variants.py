@@ -279,6 +279,7 @@ class KPCACAM(_CAMVariant):
 
     name = "kpca-cam"
     needs_gradients = False
+    passes = xbench.Passes(1)
     summary = "KPCA-CAM: first kernel principal component of the activations (1 F)"
 
     class Options(xbench.Options):
@@ -309,6 +310,11 @@ class ShapleyCAM(_CAMVariant):
     class Options(xbench.Options):
         score: str = xbench.option("rest", "score explained: ReST y^c + log p_c (the paper) "
                                    "or the logit y^c", choices=("rest", "logit"))
+
+    @classmethod
+    def expected_passes(cls, options, facts):
+        # the Hessian-vector product's double backward is a second backward pass
+        return xbench.Passes(1, 2 if options.score == "rest" else 1)
 
     def explain(self, model, images, targets):
         module = model.layer(self.layer)
@@ -374,6 +380,7 @@ class RandomCAM(_CAMVariant):
 
     name = "randomcam"
     needs_gradients = False
+    passes = xbench.Passes(1)
     summary = "RandomCAM: random channel weights U(-1, 1), a CAM-shaped control (1 F)"
 
     def explain(self, model, images, targets):

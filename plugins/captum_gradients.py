@@ -404,8 +404,9 @@ class DeepLiftShapMap(CaptumGradient):
 
     profiles = {"quick": {"references": 8}}
 
-    def expected_forward_passes(self, model):
-        return 2 * self.options.references
+    @classmethod
+    def expected_passes(cls, options, facts):
+        return xbench.Passes(2 * options.references, 2 * options.references)
 
     def attribute(self, model, images, targets):
         refuse_unhandled_activations(model, self.name)
@@ -431,8 +432,9 @@ class ExpectedGradientsMap(CaptumGradient):
 
     profiles = {"quick": {"samples": 16}}
 
-    def expected_forward_passes(self, model):
-        return self.options.samples
+    @classmethod
+    def expected_passes(cls, options, facts):
+        return xbench.Passes(options.samples, options.samples)
 
     def attribute(self, model, images, targets):
         o = self.options

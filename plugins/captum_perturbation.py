@@ -276,12 +276,13 @@ class ShapleyValueSamplingMap(CaptumPerturbation):
     # 2 orderings of ~25 superpixels: ~51 forwards per image
     profiles = {"quick": {"samples": 2, "n_segments": 25}}
 
-    def expected_forward_passes(self, model):
-        o = self.options
-        if o.segments == "patches":
-            side = -(-model.input_size // o.patch)
-            return 1 + o.samples * side * side
-        return 1 + o.samples * o.n_segments
+    @classmethod
+    def expected_passes(cls, options, facts):
+        if options.segments == "patches":
+            height, width = facts.input_size
+            return xbench.Passes(1 + options.samples * -(-height // options.patch)
+                                 * -(-width // options.patch))
+        return xbench.Passes(1 + options.samples * options.n_segments, bound="about")
 
     def attribute(self, model, image, target):
         """captum's algorithm, written out: the same orderings (``torch.randperm`` per sample

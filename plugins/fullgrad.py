@@ -77,6 +77,7 @@ class FullGrad(Explainer):
     needs_gradients = True
     uses_layer = False
     library = "xbench"
+    passes = xbench.Passes(1, 1)
     summary = "FullGrad: input-gradient plus every layer's bias-gradient maps (1 F + 1 B)"
 
     class Options(xbench.Options):

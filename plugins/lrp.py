@@ -170,6 +170,7 @@ class LRP(Explainer):
     needs_gradients = True
     uses_layer = False
     library = "zennit"
+    passes = xbench.Passes(1, 1)
     summary = "LRP: layer-wise relevance (epsilon / z+ / flat rules), zennit with canonizers (1 F + 1 B)"
 
     class Options(xbench.Options):

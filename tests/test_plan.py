@@ -202,14 +202,18 @@ def _evaluate(formula: str, name: str, options, channels: int, size: int) -> tup
     for key in ("steps", "samples"):
         if hasattr(options, key):
             symbols["steps" if key == "steps" else "n"] = getattr(options, key)
+    if hasattr(options, "references"):  # deeplift-shap's n; expected-gradients' k draws
+        symbols.setdefault("n", options.references)
+        symbols["k"] = getattr(options, "samples", None)
     if hasattr(options, "window"):
         symbols["windows"] = ((size - options.window) // options.stride + 1) ** 2
     if hasattr(options, "n_segments"):
         symbols["segments"] = options.n_segments
     if getattr(options, "max_channels", None):
         symbols["K"] = min(channels, options.max_channels)
+    formula = re.sub(r"(\d)([a-z])", r"\1*\2", formula.replace(" x ", "*"))  # 2n, n x segments
     totals = {"F": 0.0, "B": 0.0}
-    for amount, letter in re.findall(r"((?:[\w]+ \+ )?[\w]+) ([FB])\b", formula):
+    for amount, letter in re.findall(r"((?:[\w*]+ \+ )?[\w*]+) ([FB])\b", formula):
         totals[letter] = float(eval(amount, {}, symbols))  # noqa: S307 - the doc's own formula
     return totals["F"], totals["B"]
 
