@@ -12,9 +12,9 @@ from xbench.cli.matrix import print_matrix
 from xbench.cli.options import (add_data_options, add_explanation_options, add_model_options,
                                 add_output_option, add_plugin_options, examples, group,
                                 positive_int)
-from xbench.cli.progress import rich_progress
-from xbench.plugins import build_registry
 from xbench.errors import UserError
+from xbench.plugins import build_registry
+from xbench.progress import unit_progress
 from xbench.runner import RunConfig, Runner
 
 __all__ = ["add_parser", "run", "print_matrix"]
@@ -130,7 +130,7 @@ def run(args: argparse.Namespace) -> int:
         options=tuple(args.options), checkpoint=args.checkpoint, member=args.member,
         engine=args.engine, timeout=args.timeout, save_maps=args.save_maps)
     out = Path(args.output)
-    runner = Runner(config, registry, out, name=args.name, progress=rich_progress)
+    runner = Runner(config, registry, out, name=args.name, progress=unit_progress)
     if getattr(args, "dry_run", False):
         console.print(runner.dry_run(), highlight=False, markup=False)
         return 0
