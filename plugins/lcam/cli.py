@@ -9,7 +9,7 @@ training augmentation, seeded). L-CAM-Img needs the whole network forward and ba
 masked image, so it draws a fresh random view per image per epoch instead.
 
 Checkpoints are written every ``--checkpoint-every`` epochs and at the end; ``--resume``
-continues from ``--out`` (the optimizer state, epoch counter and random generator are restored).
+continues from ``--output`` (the optimizer state, epoch counter and random generator are restored).
 """
 
 from __future__ import annotations
@@ -22,6 +22,9 @@ from pathlib import Path
 import torch
 
 from xbench import ClassifierHandle, Progress, UserError, build_registry, message_console, open_dataset
+from xbench.cli.options import (add_data_options, add_layer_option, add_model_options,
+                                add_output_option, add_plugin_options, add_seed_option, adjust,
+                                examples, group, positive_int)
 from xbench_plugins.lcam import checkpoint as lcam_checkpoint
 from xbench_plugins.lcam import train as lcam_train
 from xbench_plugins.lcam.head import AttentionHead, classifier_tail, layer_features
@@ -29,40 +32,67 @@ from xbench_plugins.lcam.loss import LossWeights
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, help="registered model name, e.g. efficientnet-lite0")
-    parser.add_argument("--weights", default=None, help="model weights file (model plugin default otherwise)")
-    parser.add_argument("--variant", required=True, choices=("fm", "img"),
-                        help="fm: mask the feature maps (L-CAM-Fm); img: mask the image (L-CAM-Img)")
-    parser.add_argument("--data", required=True, help="training images (any layout xbench run accepts)")
-    parser.add_argument("--labels", default=None, help="labels file for --data, when needed")
-    parser.add_argument("--layer", default=None, help="feature layer (default: the model's CAM layer)")
-    parser.add_argument("--epochs", type=int, required=True, help="total number of epochs")
-    parser.add_argument("--out", required=True, help="checkpoint file to write (and --resume from)")
-    parser.add_argument("--seed", type=int, default=0, help="seed for initialisation, order, views")
-    parser.add_argument("--lr", type=float, default=1e-4, help="learning rate (default 1e-4)")
-    parser.add_argument("--head-init", choices=("zero", "pytorch"), default="zero",
-                        help="initial head weights: zero (masks start at 0.5; default) or "
-                             "PyTorch's default uniform init")
-    parser.add_argument("--optimizer", choices=("adam", "sgd"), default="adam",
-                        help="adam (default) or the authors' SGD with Nesterov momentum 0.9")
-    parser.add_argument("--weight-decay", type=float, default=0.0)
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--views", type=int, default=1,
-                        help="fm only: cached views per image (1 = center crop only)")
-    parser.add_argument("--limit", type=int, default=None, help="use a seeded subset of N images")
-    parser.add_argument("--checkpoint-every", type=int, default=1, metavar="EPOCHS")
-    parser.add_argument("--resume", action="store_true", help="continue training from --out")
-    parser.add_argument("--ship", default=None, metavar="FILE",
-                        help="also write a compact copy (fp16 head, no training state) at the end, "
-                             "e.g. plugins/assets/lcam-fm_efficientnet-lite0.pt")
-    parser.add_argument("--init", default=None, metavar="CKPT",
-                        help="start from the head weights of another checkpoint for the same model "
-                             "and layer (e.g. an L-CAM-Img head from a trained L-CAM-Fm head)")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    parser.add_argument("--lambda-ce", type=float, default=1.5, help="cross-entropy weight")
-    parser.add_argument("--lambda-area", type=float, default=2.0, help="average-mask weight")
-    parser.add_argument("--lambda-tv", type=float, default=0.01, help="total-variation weight")
-    parser.add_argument("--area-power", type=float, default=0.3, help="exponent of the mask in the area term")
+    """The flags of ``xbench train lcam``: the shared model, data, layer, seed and output flags
+    (:mod:`xbench.cli.options`, meaning what they mean in ``xbench run``) plus the training's."""
+    parser.description = (
+        "Train an L-CAM-Fm (masked feature maps) or L-CAM-Img (masked image) attention head on "
+        "a frozen classifier, from the images' labels. Checkpoints are written every "
+        "--checkpoint-every epochs and at the end; --resume continues from --output.")
+    parser.epilog = examples(
+        "xbench train lcam --variant fm --data /path/to/ILSVRC2012/train_subset --limit 2000 \\",
+        "                  --epochs 20 --output heads/fm.pt",
+        "xbench train lcam --variant fm --data /path/to/ILSVRC2012/train_subset --limit 2000 \\",
+        "                  --epochs 30 --output heads/fm.pt --resume   # ten more epochs",
+        "xbench explain photo.jpg --explainer lcam-fm --checkpoint heads/fm.pt --output fm.png",
+        note="docs/lcam.md: the method, the shipped heads and how they were trained.")
+    add_model_options(parser, checkpoint=False, member=False, device=False, dtype=False,
+                      engine=False)
+    add_layer_option(parser, many_layers=False, title="model",
+                     help="the feature layer the head attends to: last (the model's CAM layer) "
+                          "or one NAME")
+    add_data_options(parser, boxes=False, default_data=None)
+    adjust(parser, "--data", metavar="FOLDER", help="labelled training images (any layout xbench run accepts; "
+                                  "docs/data.md)")
+    add_plugin_options(parser, takes_options=False)
+    training = group(parser, "training")
+    training.add_argument("--variant", required=True, choices=("fm", "img"),
+                          help="fm: mask the feature maps (L-CAM-Fm); img: mask the image "
+                               "(L-CAM-Img)")
+    training.add_argument("--epochs", type=positive_int, required=True, metavar="E",
+                          help="total number of epochs")
+    add_seed_option(parser, "seed for initialisation, order, views and the --limit subset",
+                    title="training")
+    training.add_argument("--lr", type=float, default=1e-4, help="learning rate")
+    training.add_argument("--head-init", choices=("zero", "pytorch"), default="zero",
+                          help="initial head weights: zero (masks start at 0.5) or PyTorch's "
+                               "default uniform init")
+    training.add_argument("--optimizer", choices=("adam", "sgd"), default="adam",
+                          help="adam, or the authors' SGD with Nesterov momentum 0.9")
+    training.add_argument("--weight-decay", type=float, metavar="WD", default=0.0, help="weight decay")
+    training.add_argument("--batch-size", type=positive_int, default=64, metavar="N",
+                          help="images per step")
+    training.add_argument("--views", type=positive_int, default=1, metavar="V",
+                          help="fm only: cached views per image (1 = center crop only)")
+    training.add_argument("--init", default=None, metavar="CKPT",
+                          help="start from the head weights of another checkpoint for the same "
+                               "model and layer (e.g. an L-CAM-Img head from a trained L-CAM-Fm "
+                               "head)")
+    training.add_argument("--threads", type=positive_int, default=None, metavar="N",
+                          help="torch CPU threads")
+    loss = group(parser, "loss")
+    loss.add_argument("--lambda-ce", type=float, metavar="W", default=1.5, help="cross-entropy weight")
+    loss.add_argument("--lambda-area", type=float, metavar="W", default=2.0, help="average-mask weight")
+    loss.add_argument("--lambda-tv", type=float, metavar="W", default=0.01, help="total-variation weight")
+    loss.add_argument("--area-power", type=float, metavar="P", default=0.3,
+                      help="exponent of the mask in the area term")
+    output = add_output_option(parser, "checkpoint file to write (and --resume from)",
+                               metavar="CKPT", old=["--out"], required=True)
+    output.add_argument("--checkpoint-every", type=positive_int, default=1, metavar="EPOCHS",
+                        help="write --output every EPOCHS epochs (and at the end)")
+    output.add_argument("--resume", action="store_true", help="continue training from --output")
+    output.add_argument("--ship", default=None, metavar="FILE",
+                        help="also write a compact copy (fp16 head, no training state) at the "
+                             "end, e.g. plugins/assets/lcam-fm_efficientnet-lite0.pt")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -77,7 +107,7 @@ def run(args: argparse.Namespace) -> int:
                          area_power=args.area_power))
     model = build_model(args.model, args.weights)
     lcam_train.freeze(model)
-    layer = args.layer or model.default_layer
+    layer = model.default_layer if args.layers == "last" else args.layers
     model.layer(layer)  # validates the name
     tail = classifier_tail(model.net, layer) if config.variant == "fm" else None
     dataset = open_dataset(args.data, args.labels).subset(args.limit, args.seed)
@@ -96,7 +126,7 @@ def run(args: argparse.Namespace) -> int:
     channels = layer_features(model, layer, lcam_train.crop_batch(model, squares[:1], None)).shape[1]
     head = AttentionHead(channels, model.num_classes, init=config.head_init)
     optimizer = lcam_train.make_optimizer(head, config)
-    out = Path(args.out)
+    out = Path(args.output)
     start_epoch = 0
     if args.init and not args.resume:
         lcam_train.warm_start(Path(args.init), head, args.model, layer, console)
@@ -141,20 +171,26 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-_RECORDED = ("model", "weights", "variant", "data", "labels", "layer", "epochs", "out", "seed",
-             "lr", "optimizer", "head_init", "weight_decay", "batch_size", "views", "limit",
-             "checkpoint_every", "resume", "init", "ship", "lambda_ce", "lambda_area", "lambda_tv",
-             "area_power")
+#: (args attribute, flag) of every setting the checkpoint's command records
+_RECORDED = (("model", "--model"), ("weights", "--weights"), ("variant", "--variant"),
+             ("data", "--data"), ("labels", "--labels"), ("layers", "--layer"),
+             ("epochs", "--epochs"), ("output", "--output"), ("seed", "--seed"), ("lr", "--lr"),
+             ("optimizer", "--optimizer"), ("head_init", "--head-init"),
+             ("weight_decay", "--weight-decay"), ("batch_size", "--batch-size"),
+             ("views", "--views"), ("limit", "--limit"), ("checkpoint_every", "--checkpoint-every"),
+             ("resume", "--resume"), ("init", "--init"), ("ship", "--ship"),
+             ("lambda_ce", "--lambda-ce"), ("lambda_area", "--lambda-area"),
+             ("lambda_tv", "--lambda-tv"), ("area_power", "--area-power"))
 
 
 def command_line(args: argparse.Namespace) -> str:
     """The training command with every setting spelled out (defaults included)."""
     words = ["xbench", "train", "lcam"]
-    for name in _RECORDED:
+    for name, flag in _RECORDED:
         value = getattr(args, name, None)
         if value is None or value is False:
             continue
-        words.append("--" + name.replace("_", "-"))
+        words.append(flag)
         if value is not True:
             words.append(shlex.quote(str(value)))
     return " ".join(words)

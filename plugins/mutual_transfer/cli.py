@@ -26,6 +26,8 @@ from rich.console import Console
 from rich.table import Table
 
 from xbench import Progress, UserError, table_console
+from xbench.cli.options import (add_data_options, add_output_option, add_plugin_options,
+                                add_seed_option, adjust, examples, group, positive_int)
 from xbench_plugins.mutual_transfer.checkpoint import load_students, save_checkpoint
 from xbench_plugins.mutual_transfer.data import load_data
 from xbench_plugins.mutual_transfer.losses import parse_grid
@@ -39,60 +41,81 @@ DEFAULT_LAMBDAS = "0.5,0.6,0.7,0.8,0.85,0.9,0.99"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags of ``xbench train mutual-transfer``: the shared data, seed and output flags
+    (:mod:`xbench.cli.options`, meaning what they mean in ``xbench run``) plus the study's."""
     parser.description = (
         "Train ST1 (with prior knowledge) and ST2 together; regions of their attention maps whose "
-        "Pearson correlation exceeds --lambda transfer in both directions (Cheng et al. 2022).")
-    parser.epilog = ("Demo (a few minutes on 2 CPU cores): xbench train mutual-transfer --data digits "
-                     "--compare --out runs/mt-digits")
-    parser.add_argument("--st1", default="small-wrn", choices=ARCHS,
-                        help="student 1, the one with prior knowledge (default small-wrn)")
-    parser.add_argument("--st2", default="small-mobilenet", choices=ARCHS,
-                        help="student 2 (default small-mobilenet)")
-    parser.add_argument("--data", default="digits", metavar="PATH|digits|cifar10|cifar100",
-                        help="training data: scikit-learn digits (embedded, held-out 30%% split), "
-                             "CIFAR-10/100 from --data-root, or an image folder (default digits)")
-    parser.add_argument("--data-root", default="data", metavar="DIR",
-                        help="folder holding cifar-10-batches-py / cifar-100-python (never downloaded)")
-    parser.add_argument("--val-data", metavar="PATH",
-                        help="evaluation images for a folder --data (e.g. /path/to/ILSVRC2012/val)")
-    parser.add_argument("--limit", type=int, metavar="N", help="train on a seeded subset of N images")
-    parser.add_argument("--val-limit", type=int, metavar="N", help="evaluate on a seeded subset of N images")
-    parser.add_argument("--lambda", dest="lam", type=float, default=0.5, metavar="L",
-                        help="Pearson threshold: regions with r > L transfer; -1 = global transfer (default 0.5)")
-    parser.add_argument("--beta", type=float, default=1.0, metavar="B",
-                        help="weight of the transfer term, loss = CE + B/2 * sum (default 1)")
-    parser.add_argument("--epochs", type=int, default=3, metavar="E", help="mutual-training epochs (default 3)")
-    parser.add_argument("--grid", default="2x2", metavar="RxC",
-                        help="local regions per attention map, rows x cols (default 2x2, k = 4)")
-    parser.add_argument("--seed", type=int, default=0, help="seeds initialisation, data order, flips, dropout")
-    parser.add_argument("--lr", type=float, metavar="LR",
-                        help="SGD (Nesterov, momentum 0.9, weight decay 5e-4) learning rate, "
-                             "cosine-annealed per step (default 0.05 for small nets, 0.001 when an "
-                             "EfficientNet-Lite student is fine-tuned: 0.005 already diverges)")
-    parser.add_argument("--batch-size", type=int, default=32, help="images per step (default 32)")
-    parser.add_argument("--pretrain-epochs", type=int, metavar="N",
-                        help="cross-entropy epochs giving a from-scratch ST1 its prior knowledge before "
-                             "mutual training (default 2 for small nets, 0 for ImageNet-pretrained ST1)")
-    parser.add_argument("--freeze-bn", action="store_true",
-                        help="keep BatchNorm running statistics fixed (advised when fine-tuning "
-                             "pretrained students with small batches)")
-    parser.add_argument("--target-grad", action="store_true",
-                        help="ablation: let gradients flow into the other student's map too "
-                             "(default: the other's map is a constant target)")
-    parser.add_argument("--compare", action="store_true",
-                        help="train the Table-1 rows (independent, global, local at each --lambdas) "
-                             "from one starting point; --out is then a folder")
+        "Pearson correlation exceeds --lambda transfer in both directions (Cheng et al. 2022). "
+        "The checkpoint is what --model mutual-transfer --checkpoint CKPT --member st1|st2 "
+        "reads.")
+    parser.epilog = examples(
+        "xbench train mutual-transfer --data digits --compare --output runs/mt-digits   # Table 1",
+        "xbench train mutual-transfer --data digits --lambda 0.8 --epochs 4 --output mt.pt",
+        "xbench run --model mutual-transfer --checkpoint mt.pt --member st1 --explainers gradcam",
+        note="docs/mutual-transfer.md: the method, the regimes of --compare and the results.")
+    students = group(parser, "students")
+    students.add_argument("--st1", default="small-wrn", choices=ARCHS,
+                          help="student 1, the one with prior knowledge")
+    students.add_argument("--st2", default="small-mobilenet", choices=ARCHS, help="student 2")
+    add_data_options(parser, labels=False, boxes=False, default_data="digits")
+    adjust(parser, "--data", metavar="digits|cifar10|cifar100|FOLDER",
+           help="training data: scikit-learn digits (embedded, held-out 30%% split), "
+                "CIFAR-10/100 from --data-root, or an image folder (layouts: docs/data.md)")
+    adjust(parser, "--limit", help="train on a seeded subset of N images (--seed)")
+    data = group(parser, "data")
+    data.add_argument("--data-root", default="data", metavar="DIR",
+                      help="folder holding cifar-10-batches-py / cifar-100-python (never "
+                           "downloaded)")
+    data.add_argument("--val-data", metavar="FOLDER",
+                      help="evaluation images for a folder --data (e.g. /path/to/ILSVRC2012/val)")
+    data.add_argument("--val-limit", type=positive_int, metavar="N",
+                      help="evaluate on a seeded subset of N images")
+    add_plugin_options(parser, takes_options=False)
+    transfer = group(parser, "transfer")
+    transfer.add_argument("--lambda", dest="lam", type=float, default=0.5, metavar="L",
+                          help="Pearson threshold: regions with r > L transfer; -1 = global "
+                               "transfer")
+    transfer.add_argument("--beta", type=float, default=1.0, metavar="B",
+                          help="weight of the transfer term, loss = CE + B/2 * sum")
+    transfer.add_argument("--grid", default="2x2", metavar="RxC",
+                          help="local regions per attention map, rows x cols (2x2: k = 4)")
+    transfer.add_argument("--target-grad", action="store_true",
+                          help="ablation: let gradients flow into the other student's map too "
+                               "(default: the other's map is a constant target)")
+    transfer.add_argument("--compare", action="store_true",
+                          help="train the Table-1 rows (independent, global, local at each "
+                               "--lambdas) from one starting point; --output is then a folder")
     # argparse < 3.13 reads "-1,0.5" as an unknown option; this parser has no option that looks
     # like a negative number, so such a token can only be a value
     parser._negative_number_matcher = re.compile(r"^-\d*\.?\d+([,\s]+-?\d*\.?\d+)*$")
-    parser.add_argument("--lambdas", default=DEFAULT_LAMBDAS, metavar="L,L,...",
-                        help="with --compare: one local-transfer run per lambda (-1 = the global row, "
-                             f"always trained; default {DEFAULT_LAMBDAS}, chosen so that the digits "
-                             "demo keeps from ~100%% to well under 50%% of the regions)")
-    parser.add_argument("--out", required=True, metavar="CKPT",
-                        help="checkpoint path (a folder with --compare); written after every epoch")
-    parser.add_argument("--resume", action="store_true", help="continue from --out if it exists")
-    parser.add_argument("--threads", type=int, metavar="N", help="torch CPU threads")
+    transfer.add_argument("--lambdas", default=DEFAULT_LAMBDAS, metavar="L,L,...",
+                          help="with --compare: one local-transfer run per lambda (-1 = the "
+                               "global row, always trained; these keep from ~100%% to well under "
+                               "50%% of the regions in the digits demo)")
+    training = group(parser, "training")
+    training.add_argument("--epochs", type=int, default=3, metavar="E",
+                          help="mutual-training epochs")
+    add_seed_option(parser, "seeds initialisation, data order, flips, dropout and the --limit "
+                            "subset", title="training")
+    training.add_argument("--lr", type=float, metavar="LR",
+                          help="SGD (Nesterov, momentum 0.9, weight decay 5e-4) learning rate, "
+                               "cosine-annealed per step (default 0.05 for small nets, 0.001 when "
+                               "an EfficientNet-Lite student is fine-tuned: 0.005 already "
+                               "diverges)")
+    training.add_argument("--batch-size", type=int, default=32, metavar="N",
+                          help="images per step")
+    training.add_argument("--pretrain-epochs", type=int, metavar="N",
+                          help="cross-entropy epochs giving a from-scratch ST1 its prior knowledge "
+                               "before mutual training (default 2 for small nets, 0 for "
+                               "ImageNet-pretrained ST1)")
+    training.add_argument("--freeze-bn", action="store_true",
+                          help="keep BatchNorm running statistics fixed (advised when "
+                               "fine-tuning pretrained students with small batches)")
+    training.add_argument("--threads", type=positive_int, metavar="N", help="torch CPU threads")
+    output = add_output_option(parser, "checkpoint path (a folder with --compare); written after "
+                                       "every epoch", metavar="CKPT", old=["--out"], required=True)
+    output.add_argument("--resume", action="store_true",
+                        help="continue from --output if it exists")
 
 
 def make_config(args: argparse.Namespace, lam: float | None = None, beta: float | None = None) -> Any:
@@ -156,7 +179,7 @@ def train_run(config: Any, start: dict[str, Any] | None, pre_history: list[dict]
         if saved != config.as_dict():
             diff = {k: (saved.get(k), v) for k, v in config.as_dict().items() if saved.get(k) != v}
             raise UserError(f"--resume: {out} was trained with different settings {diff} "
-                            "(saved, requested); use another --out or the same options")
+                            "(saved, requested); use another --output or the same options")
         trainer = MutualTrainer(students["st1"], students["st2"], config, steps)
         trainer.load_state(payload)
         console.print(f"{tag}resuming {out} after epoch {trainer.epoch}/{config.epochs}")
@@ -199,7 +222,7 @@ def run(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     console = Console(stderr=True)
-    out = Path(args.out)
+    out = Path(args.output)
     probe = [build_student(a, 10, pretrained=False) for a in (args.st1, args.st2)]
     largest = max(probe, key=lambda s: s.input_size)
     train, test = load_data(args, (largest.resize_size, largest.input_size), console)

@@ -1,6 +1,6 @@
 """``xbench similarity``: neuron similarity values from class average images (Wang 2022).
 
-See :mod:`xbench_plugins.similarity` for the definitions. Writes into ``--out``:
+See :mod:`xbench_plugins.similarity` for the definitions. Writes into ``--output``:
 ``similarity.csv`` (tidy: class, layer, neuron, method, similarity, activated, activation),
 ``layer_curves.csv`` / ``layer_curves.png``, ``top_bottom.csv`` and ``neurons/*.png``,
 ``averages.png`` (all kinds of class average images), ``pruning.csv`` (thesis Table 5-1) and
@@ -24,6 +24,9 @@ from rich.table import Table
 from xbench import (PROTOCOL_VERSION, ClassifierHandle, Progress, UserError, __version__,
                     build_registry, load_labelled_images, message_console, open_dataset,
                     table_console)
+from xbench.cli.options import (add_data_options, add_layer_option, add_model_options,
+                                add_output_option, add_plugin_options, add_seed_option, adjust,
+                                blocked_plugins, examples, group)
 from xbench_plugins import similarity as sim
 
 
@@ -37,64 +40,80 @@ runs on CPU in a few minutes: scikit-learn digits with a small VGG-like CNN (shi
 
 
 def add_arguments(parser) -> None:
-    """The arguments of ``xbench similarity`` (registered by the similarity plugin)."""
+    """The flags of ``xbench similarity`` (registered by the similarity plugin): the shared
+    model, data, layer, seed and output flags (:mod:`xbench.cli.options`, meaning what they mean
+    in ``xbench run``) plus the analysis's."""
     parser.description = DESCRIPTION
-    parser.add_argument("--model", default="digits-vgg",
-                        help="registered model name (default: digits-vgg, shipped weights)")
-    parser.add_argument("--weights", help="weights file for the model")
-    parser.add_argument("--data", default="digits",
-                        help="'digits' (scikit-learn, the default) or a folder of labelled images "
-                             "(class folders, labels.csv, ILSVRC val...): class averages are "
-                             "computed from it")
-    parser.add_argument("--labels", help="labels file for --data (see 'xbench run --help')")
-    parser.add_argument("--test-data", help="labelled images for the pruning accuracy (default: "
-                                            "the digits test split, or --data for folders)")
-    parser.add_argument("--limit", type=int, default=500,
-                        help="at most this many test images for the pruning accuracy on folder "
-                             "data (seeded subset; default 500)")
-    parser.add_argument("--layers", help="comma-separated module names (default: the ReLU after "
-                                         "every convolution, else the convolution)")
-    parser.add_argument("--classes", help="comma-separated class indices (default: every class "
-                                          "that has images in --data)")
-    parser.add_argument("--method", choices=["1", "2", "both"], default="both",
-                        help="1: cos(GBP, I_i); 2: cos(GBP, GBP of the class logit) (default both)")
-    parser.add_argument("--average", choices=["simple", "confident", "unconfident", "network"],
-                        default="simple", help="which class average image I_i is analysed "
-                                               "(all kinds are drawn in averages.png)")
-    parser.add_argument("--top-k", type=int, default=10,
-                        help="K of the data-driven averages (mean of the K most / least "
-                             "confident images of the class; default 10)")
-    parser.add_argument("--ascent-steps", type=int, default=100,
-                        help="gradient-ascent steps of the network-driven average (0: skip)")
-    parser.add_argument("--ratio", type=float, default=0.4,
-                        help="share of a layer's neurons zeroed in the pruning check (0.4)")
-    parser.add_argument("--no-prune", action="store_true", help="skip the pruning check")
-    parser.add_argument("--random-draws", type=int, default=5,
-                        help="random prunings of the same size averaged as a reference (5)")
-    parser.add_argument("--channel-batch", type=int, default=64,
-                        help="channels back-propagated per backward pass (memory vs speed)")
-    parser.add_argument("--show", type=int, default=4,
+    parser.epilog = examples(
+        "xbench similarity --output runs/similarity      # digits-vgg on scikit-learn digits",
+        "xbench similarity --layers features.relu1,features.relu5 --classes 0,3 --output sim",
+        "xbench similarity --model efficientnet-lite0 --data /path/to/ILSVRC2012/val \\",
+        "                  --labels LOC_val_solution.csv --classes 1,2 --no-prune --output sim-in",
+        note="docs/similarity.md: the definitions, the outputs and the results.")
+    add_model_options(parser, checkpoint=False, member=False, dtype=False, engine=False,
+                      default_model="digits-vgg")
+    adjust(parser, "--model", help="a registered model name (xbench plugins --kind model; "
+                                   "digits-vgg has shipped weights)")
+    adjust(parser, "--device", default="cpu")
+    add_layer_option(parser, title="model", default="all",
+                     help="the layers analysed: all (the ReLU after every convolution, else the "
+                          "convolution), last (the model's CAM layer), NAME or NAME,NAME")
+    add_data_options(parser, boxes=False, default_data="digits")
+    adjust(parser, "--data", metavar="digits|FOLDER",
+           help="'digits' (scikit-learn) or a folder of labelled images (class folders, "
+                "labels.csv, ILSVRC val...; docs/data.md): class averages are computed from it")
+    adjust(parser, "--limit", default=500,
+           help="at most this many test images for the pruning accuracy on folder data "
+                "(seeded subset, --seed)")
+    data = group(parser, "data")
+    data.add_argument("--test-data", metavar="FOLDER",
+                      help="labelled images for the pruning accuracy (default: the digits test "
+                           "split, or --data for folders)")
+    data.add_argument("--classes", metavar="N,N",
+                      help="comma-separated class indices (default: every class that has images "
+                           "in --data)")
+    add_plugin_options(parser, takes_options=False)
+    analysis = group(parser, "analysis")
+    analysis.add_argument("--method", choices=["1", "2", "both"], default="both",
+                          help="1: cos(GBP, I_i); 2: cos(GBP, GBP of the class logit)")
+    analysis.add_argument("--average", choices=["simple", "confident", "unconfident", "network"],
+                          default="simple", help="which class average image I_i is analysed "
+                                                 "(all kinds are drawn in averages.png)")
+    analysis.add_argument("--top-k", type=int, default=10, metavar="K",
+                          help="K of the data-driven averages (mean of the K most / least "
+                               "confident images of the class)")
+    analysis.add_argument("--ascent-steps", type=int, default=100, metavar="N",
+                          help="gradient-ascent steps of the network-driven average (0: skip)")
+    analysis.add_argument("--channel-batch", type=int, default=64, metavar="N",
+                          help="channels back-propagated per backward pass (memory vs speed)")
+    pruning = group(parser, "pruning check")
+    pruning.add_argument("--ratio", type=float, default=0.4,
+                         help="share of a layer's neurons zeroed in the pruning check")
+    pruning.add_argument("--no-prune", action="store_true", help="skip the pruning check")
+    pruning.add_argument("--random-draws", type=int, default=5, metavar="N",
+                         help="random prunings of the same size averaged as a reference")
+    add_seed_option(parser, "seed of the --limit subset and of the random prunings",
+                    title="pruning check")
+    output = add_output_option(parser, "folder to write the analysis in", metavar="FOLDER",
+                               old=["--out"], required=True)
+    output.add_argument("--show", type=int, default=4, metavar="N",
                         help="top and bottom neurons drawn per layer in neurons/*.png")
-    parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
-    parser.add_argument("--seed", type=int, default=0,
-                        help="seed of the --limit subset and of the random prunings")
-    parser.add_argument("--out", required=True, help="output folder")
 
 
 def run(args: argparse.Namespace) -> int:
     console = message_console()
     started = time.perf_counter()
     _check_numbers(args)
-    registry = build_registry(blocked=_blocked_plugins(args))
+    registry = build_registry(blocked=blocked_plugins(args))
     for message in registry.load_errors:
         console.print(f"[yellow]warning:[/] {message}", highlight=False)
     if args.model == "digits-vgg" and not args.weights and not sim.default_digits_weights().exists():
         console.print(f"training digits-vgg on first use (cached in {sim.digits_checkpoint_path()})")
     loaded = registry.model(args.model)(weights=args.weights).load()
-    model = ClassifierHandle(loaded, device=args.device, name=args.model)
+    model = ClassifierHandle(loaded, device=_device(args.device), name=args.model)
     source, test, data_info = _datasets(args, loaded, model)
     classes = _classes(args.classes, source, model.num_classes)
-    layers = sim.probe_layers(model, _split(args.layers) if args.layers else None)
+    layers = sim.probe_layers(model, _layer_names(args.layers, model))
     methods = (1, 2) if args.method == "both" else (int(args.method),)
     layer_names = [info.name for info in layers]
     console.print(f"model {args.model}, {len(classes)} classes, layers "
@@ -102,7 +121,7 @@ def run(args: argparse.Namespace) -> int:
                   f"{len(classes) * sum(i.channels for i in layers)} neuron visualisations")
 
     averages = _averages(model, source, classes, args)
-    out = Path(args.out)
+    out = Path(args.output)
     (out / "neurons").mkdir(parents=True, exist_ok=True)
     sim.plot_averages(averages, loaded.class_names, out / "averages.png")
     with Progress(console, transient=True) as progress:
@@ -190,14 +209,19 @@ def _load(items, loaded, source: str):
     return sim.ImageSplit(read.images, read.labels)
 
 
-def _blocked_plugins(args: argparse.Namespace) -> list[str]:
-    """The plugins ``-p no:NAME`` blocks: the analysis loads its model with them blocked too."""
-    blocked = []
-    for option in getattr(args, "plugin_options", []):
-        if not option.startswith("no:"):
-            raise UserError(f"-p {option}: only '-p no:NAME' (block plugin NAME) is supported")
-        blocked.append(option[3:])
-    return blocked
+def _device(name: str) -> str:
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return name
+
+
+def _layer_names(text: str, model: ClassifierHandle) -> list[str] | None:
+    """--layer: 'all' -> None (the analysis's default layers), 'last' -> the model's CAM layer."""
+    if text == "all":
+        return None
+    if text == "last":
+        return [model.default_layer]
+    return _split(text)
 
 
 def _classes(text: str | None, source, num_classes: int) -> list[int]:

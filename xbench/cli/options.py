@@ -11,11 +11,13 @@ A flag means the same thing in every command that takes it:
 - plugins: ``-o/--option PLUGIN.KEY=VALUE`` (repeatable; a plugin option, never an output) and
   ``-p no:NAME`` (block a plugin; before or after the command) (:func:`add_plugin_options`);
 - output: ``--output PATH``, the one name of every path a command writes
-  (:func:`add_output_option`).
+  (:func:`add_output_option`; an old spelling such as ``--out`` stays as a hidden alias that
+  warns).
 
 A plugin's command (``register_commands``) gets the same flags by calling these builders from
-its ``configure(parser)``; :func:`plugin_option_values` converts its ``-o`` values with each
-plugin's declared types. This module imports neither torch nor the registry: building a parser
+its ``configure(parser)`` (plugins may import this module besides ``xbench.__all__``), and
+fits a flag's help, default or metavar to the command with :func:`adjust`;
+:func:`plugin_option_values` converts its ``-o`` values with each plugin's declared types. This module imports neither torch nor the registry: building a parser
 stays cheap.
 """
 
@@ -94,6 +96,21 @@ def group(parser: argparse.ArgumentParser, title: str) -> Any:
 
 def _has(parser: argparse.ArgumentParser, flag: str) -> bool:
     return flag in parser._option_string_actions  # noqa: SLF001
+
+
+def adjust(parser: argparse.ArgumentParser, flag: str, **changes: Any) -> argparse.Action:
+    """Fit a built flag to one command: ``adjust(parser, "--limit", default=500, help=...)``
+    sets those attributes (help, default, metavar, required, type, choices) of ``flag``."""
+    if not _has(parser, flag):
+        raise ValueError(f"{parser.prog} has no flag {flag}")
+    action = parser._option_string_actions[flag]  # noqa: SLF001
+    allowed = {"help", "default", "metavar", "required", "type", "choices"}
+    unknown = sorted(set(changes) - allowed)
+    if unknown:
+        raise ValueError(f"adjust({flag}): cannot change {', '.join(unknown)}")
+    for name, value in changes.items():
+        setattr(action, name, value)
+    return action
 
 
 # ----------------------------------------------------------------------------------- values
@@ -196,12 +213,12 @@ def add_block_option(parser: argparse.ArgumentParser) -> None:
 def add_model_options(parser: argparse.ArgumentParser, *, weights: bool = True,
                       checkpoint: bool = True, member: bool = True, device: bool = True,
                       dtype: bool = True, engine: bool = True,
-                      default_model: str = "efficientnet-lite0",
+                      default_model: str | None = "efficientnet-lite0",
                       default_engine: str = "auto") -> Any:
-    """The model group: ``--model`` and, as asked, ``--weights``, ``--checkpoint``,
-    ``--member``, ``--device``, ``--dtype``, ``--engine``."""
+    """The model group: ``--model`` (``default_model=None``: required) and, as asked,
+    ``--weights``, ``--checkpoint``, ``--member``, ``--device``, ``--dtype``, ``--engine``."""
     model = group(parser, "model")
-    model.add_argument("--model", default=default_model,
+    model.add_argument("--model", default=default_model, required=default_model is None,
                        help="a registered model name (xbench plugins --kind model)")
     if weights:
         model.add_argument("--weights", metavar="FILE",
@@ -226,16 +243,20 @@ def add_model_options(parser: argparse.ArgumentParser, *, weights: bool = True,
     return model
 
 
-def add_data_options(parser: argparse.ArgumentParser, *, boxes: bool = True,
-                     limit: bool = True, default_data: str = "sample") -> Any:
-    """The data group: ``--data``, ``--labels`` and, as asked, ``--boxes``, ``--limit``."""
+def add_data_options(parser: argparse.ArgumentParser, *, labels: bool = True,
+                     boxes: bool = True, limit: bool = True,
+                     default_data: str | None = "sample") -> Any:
+    """The data group: ``--data`` (``default_data=None``: required) and, as asked,
+    ``--labels``, ``--boxes``, ``--limit``."""
     data = group(parser, "data")
-    data.add_argument("--data", default=default_data, metavar="sample|FOLDER",
+    data.add_argument("--data", default=default_data, required=default_data is None,
+                      metavar="sample|FOLDER",
                       help="'sample' (the embedded photos) or an image folder (layouts: "
                            "docs/data.md)")
-    data.add_argument("--labels", metavar="FILE",
-                      help="labels: a file,label CSV, LOC_val_solution.csv or the devkit's "
-                           "ground truth")
+    if labels:
+        data.add_argument("--labels", metavar="FILE",
+                          help="labels: a file,label CSV, LOC_val_solution.csv or the devkit's "
+                               "ground truth")
     if boxes:
         data.add_argument("--boxes", metavar="FILE|FOLDER",
                           help="object boxes: a file,width,height,x0,y0,x1,y1 CSV, "
@@ -256,25 +277,44 @@ def add_explanation_options(parser: argparse.ArgumentParser, *, many_layers: boo
     explanation.add_argument(
         "--target", type=target, default=default_target, metavar="predicted|label|N",
         help="the class explained: the top-1 prediction, the image's label, or class index N")
-    layers = ("last, all (one per block), NAME or NAME,NAME" if many_layers
-              else "last or one NAME")
-    explanation.add_argument(
-        "--layer", "--layers", dest="layers", default="last", metavar="LAYER",
-        help=f"target layer of CAM methods: {layers}; 'last' is the model's default layer")
-    explanation.add_argument("--seed", type=non_negative_int, default=0,
-                             help=seed_help or "seed for subsets, masks and bootstrap")
+    add_layer_option(parser, many_layers=many_layers)
+    add_seed_option(parser, seed_help or "seed for subsets, masks and bootstrap")
     return explanation
 
 
+def add_layer_option(parser: argparse.ArgumentParser, *, many_layers: bool = True,
+                     title: str = "explanation", default: str = "last", help: str = "") -> Any:
+    """``--layer LAYER`` (``--layers`` is the same flag; into ``args.layers``): ``last`` (the
+    model's default layer), one ``NAME`` and, with ``many_layers``, ``all`` or ``NAME,NAME``."""
+    layers = ("last, all (one per block), NAME or NAME,NAME" if many_layers
+              else "last or one NAME")
+    return group(parser, title).add_argument(
+        "--layer", "--layers", dest="layers", default=default, metavar="LAYER",
+        help=help or f"target layer of CAM methods: {layers}; 'last' is the model's default "
+                     f"layer")
+
+
+def add_seed_option(parser: argparse.ArgumentParser, help: str = "",
+                    title: str = "explanation") -> Any:
+    """``--seed S`` (an integer >= 0)."""
+    return group(parser, title).add_argument(
+        "--seed", type=non_negative_int, default=0,
+        help=help or "seed for subsets, masks and bootstrap")
+
+
 def add_output_option(parser: argparse.ArgumentParser, help: str, *, default: str | None = None,
-                      metavar: str = "PATH", old: Iterable[str] = ()) -> Any:
+                      metavar: str = "PATH", old: Iterable[str] = (),
+                      required: bool = False) -> Any:
     """``--output PATH``, the one flag of every path a command writes; ``old`` spellings stay
-    as hidden aliases that warn."""
+    as hidden aliases that warn. ``required``: ``--output`` (or an old spelling) must be given."""
     output = group(parser, "output")
-    output.add_argument("--output", default=default, metavar=metavar, help=help)
+    # a required flag and its aliases form one required choice, so that an old spelling
+    # satisfies the requirement (argparse checks each required flag by itself otherwise)
+    flags = output.add_mutually_exclusive_group(required=True) if required else output
+    flags.add_argument("--output", default=default, metavar=metavar, help=help)
     for spelling in old:
-        output.add_argument(spelling, dest="output", action=DeprecatedAlias,
-                            replacement="--output", help=argparse.SUPPRESS)
+        flags.add_argument(spelling, dest="output", action=DeprecatedAlias,
+                           replacement="--output", help=argparse.SUPPRESS)
     return output
 
 
