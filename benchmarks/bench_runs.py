@@ -62,7 +62,7 @@ def _run(args: list[str], env: dict[str, str] | None = None) -> float:
 def test_default_run_fits_the_budget(benchmark, tmp_path):
     out = tmp_path / "results"
     seconds = benchmark.pedantic(
-        _run, args=([sys.executable, "-m", "xbench", "run", "--explainers", "all", "--out",
+        _run, args=([sys.executable, "-m", "xbench", "run", "--explainers", "all", "--output",
                      str(out)],), rounds=1, iterations=1)
     run = next(p for p in out.iterdir() if p.is_dir())
     rows = [json.loads(line) for line in (run / "rows.jsonl").read_text().splitlines()]
@@ -98,14 +98,14 @@ def test_two_processes_vs_one(benchmark, tmp_path):
               "average-drop,average-increase,insertion,deletion", "--batch-size", "1",
               "--no-leaderboard", "--name", "r", "--no-maps"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    one = _run_seconds([sys.executable, "-m", "xbench", *common, "--out", str(tmp_path / "one")],
+    one = _run_seconds([sys.executable, "-m", "xbench", *common, "--output", str(tmp_path / "one")],
                        env)
     two = {}
 
     def sharded() -> None:
         two["seconds"] = _run_seconds([sys.executable, "-m", "torch.distributed.run",
                                        "--nproc-per-node", "2", "-m", "xbench", *common,
-                                       "--out", str(tmp_path / "two")], env)
+                                       "--output", str(tmp_path / "two")], env)
 
     benchmark.pedantic(sharded, rounds=1, iterations=1)
     rows = lambda p: [json.loads(x) for x in (p / "r" / "rows.jsonl").read_text().splitlines()  # noqa: E731

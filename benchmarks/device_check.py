@@ -8,7 +8,7 @@ Subcommands, each exiting 1 with one line per problem when a check fails:
 - ``same REF RUN``: RUN (a torchrun-sharded run) has the rows of REF (one process, same device).
 - ``timing --device D``: :class:`xbench.timing.Stopwatch` times a deliberately asynchronous
   kernel, including the kernel.
-- ``throughput --device D --engine E --dtype DT --batches 16,64 --out F``: forwards per second
+- ``throughput --device D --engine E --dtype DT --batches 16,64 --output F``: forwards per second
   of the model at each batch size, through the engine an ``xbench run`` uses, into JSON F.
 - ``summary --runs DIR --throughput F...``: the table of throughput, Score-CAM and RISE seconds
   per image and their ratio to the forward-pass bound.
@@ -402,7 +402,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default="efficientnet-lite0")
     p.add_argument("--dtype", choices=sorted(TOLERANCES), required=True)
     p.add_argument("--batches", required=True, help="comma-separated batch sizes")
-    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--output", type=Path, required=True)
     p = sub.add_parser("summary")
     p.add_argument("--runs", type=Path, required=True, help="folder of <engine>-<dtype> runs")
     p.add_argument("--checks", type=Path, help="lines 'RUN_NAME OUTCOME' (ok, FAIL, ...)")
@@ -445,10 +445,10 @@ def main(argv: list[str] | None = None) -> int:
         batches = [int(b) for b in args.batches.split(",") if b.strip()]
         per_batch = measure_throughput(torch.device(args.device), args.engine, args.dtype,
                                        batches, model=args.model)
-        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.output.parent.mkdir(parents=True, exist_ok=True)
         device = torch.device(args.device)
         name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
-        args.out.write_text(json.dumps({"engine": args.engine, "dtype": args.dtype,
+        args.output.write_text(json.dumps({"engine": args.engine, "dtype": args.dtype,
                                         "model": args.model, "device": name,
                                         "per_batch": per_batch}))
         print(f"throughput {args.engine} {args.dtype}: " + ", ".join(

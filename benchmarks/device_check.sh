@@ -111,7 +111,7 @@ grep '^timing' "$WORK/logs/timing.log" | sed 's/^/     /'
 # -- scores on the device against a CPU fp32 reference ---------------------------------------
 RUN=(run --model "$MODEL" --data sample "${LIMIT[@]+"${LIMIT[@]}"}" --explainers gradcam,scorecam,rise
      --metrics average-drop,insertion,deletion,forward-passes,backward-passes,time
-     --no-leaderboard --no-maps --overwrite --out "$WORK/runs"
+     --no-leaderboard --no-maps --overwrite --output "$WORK/runs"
      "${OPTIONS[@]+"${OPTIONS[@]}"}")
 step cpu-reference "$PY" -m xbench "${RUN[@]}" --device cpu --engine eager --dtype fp32 \
     --name cpu-reference
@@ -125,7 +125,7 @@ for dtype in $DTYPES; do
         step "throughput-$name" env "${tf32[@]+"${tf32[@]}"}" "${CHECK[@]}" throughput \
             --model "$MODEL" --device "$DEVICE" --engine "$engine" --dtype "$dtype" \
             --batches "$batches" \
-            --out "$WORK/throughput/$name.json" &&
+            --output "$WORK/throughput/$name.json" &&
             THROUGHPUT+=("$WORK/throughput/$name.json") &&
             grep '^throughput' "$WORK/logs/throughput-$name.log" | sed 's/^/     /'
         step "run-$name" env "${tf32[@]+"${tf32[@]}"}" "$PY" -m xbench "${RUN[@]}" \
@@ -142,7 +142,7 @@ done
 # -- 2 processes by torchrun on one device against the single-process rows -------------------
 SHARDED=(run --model "$MODEL" --data sample --limit "$TORCHRUN_LIMIT" --explainers gradcam,scorecam
          --metrics average-drop,deletion,forward-passes --batch-size 1 --no-leaderboard
-         --no-maps --overwrite --out "$WORK/runs" --device "$DEVICE" --engine eager
+         --no-maps --overwrite --output "$WORK/runs" --device "$DEVICE" --engine eager
          "${SCORECAM[@]+"${SCORECAM[@]}"}")
 # torchrun gives each worker one thread; the single process gets the same for its reductions
 export OMP_NUM_THREADS=1

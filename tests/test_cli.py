@@ -13,7 +13,7 @@ from xbench.data import sample_images
 def results(tmp_path_factory):
     out = tmp_path_factory.mktemp("results")
     code = main(["run", "--explainers", "gradcam", "--metrics", "average-drop,time",
-                 "--limit", "2", "--batch-size", "2", "--out", str(out)])
+                 "--limit", "2", "--batch-size", "2", "--output", str(out)])
     assert code == 0
     return out
 
@@ -39,11 +39,11 @@ def test_leaderboard_check_fails_on_a_stale_file(results, tmp_path):
 
 def test_rerunning_a_finished_run_needs_resume(results, capsys):
     code = main(["run", "--explainers", "gradcam", "--metrics", "average-drop,time",
-                 "--limit", "2", "--batch-size", "2", "--out", str(results)])
+                 "--limit", "2", "--batch-size", "2", "--output", str(results)])
     assert code == 2
     assert "already holds a run. Use --resume" in capsys.readouterr().err
     code = main(["run", "--explainers", "gradcam", "--metrics", "average-drop,time",
-                 "--limit", "2", "--batch-size", "2", "--out", str(results), "--resume"])
+                 "--limit", "2", "--batch-size", "2", "--output", str(results), "--resume"])
     assert code == 0
     assert "0 units computed, 2 already done" in capsys.readouterr().err
 

@@ -26,14 +26,14 @@ def _rows(folder: Path) -> list[dict]:
 def _torchrun(out: Path, *extra: str) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node",
                              "2", "--master-port", str(29500 + os.getpid() % 1000), "-m",
-                             "xbench", *RUN, "--out", str(out), *extra],
+                             "xbench", *RUN, "--output", str(out), *extra],
                             env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
 @pytest.fixture(scope="module")
 def single(tmp_path_factory) -> list[dict]:
     out = tmp_path_factory.mktemp("single")
-    subprocess.run([sys.executable, "-m", "xbench", *RUN, "--out", str(out)], env=ENV,
+    subprocess.run([sys.executable, "-m", "xbench", *RUN, "--output", str(out)], env=ENV,
                    check=True, capture_output=True)
     return _rows(out)
 
@@ -58,7 +58,7 @@ def test_a_killed_rank_resumes_to_identical_rows(tmp_path, single):
             break
         time.sleep(0.05)
     # kill -9 every worker of the group (torchrun would tear the rest down anyway)
-    workers = subprocess.run(["pgrep", "-f", f"xbench .*--out {tmp_path}"], capture_output=True,
+    workers = subprocess.run(["pgrep", "-f", f"xbench .*--output {tmp_path}"], capture_output=True,
                              text=True).stdout.split()
     for pid in workers:
         os.kill(int(pid), signal.SIGKILL)

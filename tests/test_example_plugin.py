@@ -106,5 +106,5 @@ def test_blocking_a_study_plugin_removes_its_command():
                             text=True, env=env, check=True)
     assert "similarity" in listed.stdout and "train" in listed.stdout
     blocked = subprocess.run([sys.executable, "-m", "xbench", "-p", "no:similarity", "similarity",
-                              "--out", "x"], capture_output=True, text=True, env=env, check=False)
+                              "--output", "x"], capture_output=True, text=True, env=env, check=False)
     assert blocked.returncode == 2 and "invalid choice: 'similarity'" in blocked.stderr

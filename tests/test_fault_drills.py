@@ -80,7 +80,7 @@ def test_kill_9_at_20_random_points_then_resume_gives_byte_identical_rows(tmp_pa
     command = [sys.executable, "-m", "xbench", "run", "--model", "toy-cnn", "--data", str(data),
                "--explainers", "gradcam", "--metrics", "average-drop,forward-passes",
                "--batch-size", "1", "--no-leaderboard", "--device", "cpu", "--name", "r"]
-    subprocess.run(command + ["--out", str(tmp_path / "ref")], env=drill_env, check=True,
+    subprocess.run(command + ["--output", str(tmp_path / "ref")], env=drill_env, check=True,
                    capture_output=True)
     reference = (tmp_path / "ref" / "r" / "rows.jsonl").read_bytes()
     progress = tmp_path / "run" / "r" / "progress.jsonl"
@@ -89,7 +89,7 @@ def test_kill_9_at_20_random_points_then_resume_gives_byte_identical_rows(tmp_pa
     kills = 0
     for attempt in range(20):
         target = rng.randrange(0, total_units)
-        process = subprocess.Popen(command + ["--out", str(tmp_path / "run"), "--resume"],
+        process = subprocess.Popen(command + ["--output", str(tmp_path / "run"), "--resume"],
                                    env=drill_env, stdout=subprocess.DEVNULL,
                                    stderr=subprocess.DEVNULL)
         while process.poll() is None:
@@ -99,7 +99,7 @@ def test_kill_9_at_20_random_points_then_resume_gives_byte_identical_rows(tmp_pa
                 break
             time.sleep(0.001)
         kills += process.wait() == -signal.SIGKILL
-    final = subprocess.run(command + ["--out", str(tmp_path / "run"), "--resume"],
+    final = subprocess.run(command + ["--output", str(tmp_path / "run"), "--resume"],
                            env=drill_env, capture_output=True, text=True)
     assert final.returncode == 0, final.stderr
     assert kills >= 15  # most attempts really were killed mid-run
@@ -257,7 +257,7 @@ def test_full_disk_stops_cleanly_and_resume_completes(tmp_path, monkeypatch):
 # -- two runs on one folder ------------------------------------------------------------------
 
 def test_two_runs_on_one_folder_exactly_one_writes_and_no_row_is_lost(tmp_path, drill_env):
-    """Two runs on one --out/--name, the second started 0, 1 and 3 s after the first, in both
+    """Two runs on one --output/--name, the second started 0, 1 and 3 s after the first, in both
     orders; the six scenarios run side by side (each in its own folder) to keep the drill short.
     The slow-loading toy leaves the 1.5 s window between the folder check and the first write
     that a real model's set-up leaves."""
@@ -269,7 +269,7 @@ def test_two_runs_on_one_folder_exactly_one_writes_and_no_row_is_lost(tmp_path, 
             [sys.executable, "-m", "xbench", "run", "--model", "slow-toy-cnn", "--data",
              str(data), "--explainers", explainer, "--metrics", "forward-passes",
              "--batch-size", "1", "--no-leaderboard", "--device", "cpu", "--engine", "eager",
-             "--out", str(out), "--name", "same"],
+             "--output", str(out), "--name", "same"],
             env=drill_env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
     scenarios = [(offset, first, second) for offset in (0, 1, 3)
@@ -315,7 +315,7 @@ def _cli_run(data, out, *extra):
 
     return main(["run", "--model", "toy-cnn", "--data", str(data), "--metrics",
                  "average-drop,forward-passes", "--batch-size", "1", "--device", "cpu",
-                 "--no-channels-last", "--out", str(out), *extra])
+                 "--no-channels-last", "--output", str(out), *extra])
 
 
 def test_one_corrupt_record_is_named_and_never_blocks_other_runs(tmp_path, monkeypatch,
@@ -388,13 +388,13 @@ def test_unwritable_outputs_fail_at_once_before_loading_anything(tmp_path, monke
     a_file.write_text("not a folder")
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "taken").write_text("a file where the run folder goes")
-    # /proc takes no new folders, even from root; a file as --out; a file as the run folder
+    # /proc takes no new folders, even from root; a file as --output; a file as the run folder
     for out, name in [(Path("/proc/x"), None), (a_file, None), (tmp_path / "out", "taken")]:
         started = time.perf_counter()
         with pytest.raises(UserError, match="cannot write results to"):
             Runner(_config(data), registry, out, name=name).run()
         assert time.perf_counter() - started < 1
-    with pytest.raises(UserError, match=r"--name '../x'.*inside --out"):
+    with pytest.raises(UserError, match=r"--name '../x'.*inside --output"):
         Runner(_config(data), registry, tmp_path / "out", name="../x")
     _cli_registry(monkeypatch, registry)
     assert _cli_run(data, a_file, "--explainers", "gradcam") == 2

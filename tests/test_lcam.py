@@ -316,7 +316,7 @@ def test_train_command_checkpoints_resumes_and_ships(tmp_path):
     out, ship = tmp_path / "train.pt", tmp_path / "ship.pt"
     common = ["train", "lcam", "--model", "efficientnet-lite0", "--variant", "fm", "--data",
               str(DATA / "imagenet_sample_1000"), "--limit", "4", "--batch-size", "2",
-              "--out", str(out), "--seed", "3"]
+              "--output", str(out), "--seed", "3"]
     assert main(common + ["--epochs", "1"]) == 0
     _, info, training = lcam.load_checkpoint(out)
     assert (info.epochs_done, training["epoch"], info.seed) == (1, 1, 3)

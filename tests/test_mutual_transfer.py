@@ -476,7 +476,7 @@ def _cli(out, *extra):
 
     return main(["train", "mutual-transfer", "--data", "digits", "--limit", "40", "--val-limit", "20",
                  "--batch-size", "20", "--pretrain-epochs", "0", "--epochs", "2", "--lambda", "0.2",
-                 "--out", str(out), *extra])
+                 "--output", str(out), *extra])
 
 
 def test_cli_resume_repeats_the_uninterrupted_run(tmp_path, monkeypatch):
@@ -515,7 +515,7 @@ def test_cifar_offline_error_names_the_folder(tmp_path, capsys):
     from xbench.cli import main
 
     code = main(["train", "mutual-transfer", "--data", "cifar10", "--data-root", str(tmp_path),
-                 "--out", str(tmp_path / "c.pt")])
+                 "--output", str(tmp_path / "c.pt")])
     err = capsys.readouterr().err  # messages are never folded (message_console)
     assert code == 2 and "cifar-10-batches-py" in err and "never downloads" in err
 
@@ -529,7 +529,7 @@ def test_cli_compare_sweeps_lambdas_from_one_start(tmp_path):
     out = tmp_path / "cmp"
     code = main(["train", "mutual-transfer", "--data", "digits", "--limit", "40", "--val-limit", "20",
                  "--batch-size", "20", "--pretrain-epochs", "1", "--epochs", "1", "--lambdas", "-1,0.5,0.99",
-                 "--compare", "--out", str(out)])
+                 "--compare", "--output", str(out)])
     assert code == 0
     table = json.loads((out / "table1.json").read_text())
     rows = {r["regime"]: r for r in table["rows"]}

@@ -292,7 +292,7 @@ def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path, images, toy_regist
     out = tmp_path / "out"
     code = main(["run", "--model", "toy-cnn", "--data", str(images), "--device", "cpu",
                  "--batch-size", "2", "--explainers", "gradcam,rise", "-o", "rise.n_masks=8",
-                 "--metrics", "average-drop,forward-passes", "--out", str(out), "--dry-run"])
+                 "--metrics", "average-drop,forward-passes", "--output", str(out), "--dry-run"])
     printed = capsys.readouterr().out
     assert code == 0 and not out.exists()
     assert "units: 9 (3 data + 3 x 2 explainer units)" in printed

@@ -272,7 +272,7 @@ def test_cli_report_and_run_report(tiny_run, tmp_path, monkeypatch, capsys):
     images = _images(tmp_path / "imgs")
     code = main(["run", "--model", "toy-cnn", "--data", str(images), "--labels",
                  str(tmp_path / "labels.csv"), "--limit", "2", "--explainers", "gradcam",
-                 "--metrics", "forward-passes", "--device", "cpu", "--out", str(tmp_path / "o"),
+                 "--metrics", "forward-passes", "--device", "cpu", "--output", str(tmp_path / "o"),
                  "--name", "r", "--report", "--no-leaderboard"])
     assert code == 0
     assert '<tr data-explainer="gradcam"' in (tmp_path / "o" / "r" / "report.html").read_text()

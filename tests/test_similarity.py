@@ -412,7 +412,7 @@ def test_cli_end_to_end_on_digits(tmp_path):
     out = tmp_path / "out"
     code = main(["similarity", "--weights", str(weights), "--layers",
                  "features.relu1,features.relu5", "--classes", "0,3",
-                 "--ascent-steps", "2", "--top-k", "5", "--ratio", "0.25", "--out", str(out)])
+                 "--ascent-steps", "2", "--top-k", "5", "--ratio", "0.25", "--output", str(out)])
     assert code == 0
     for name in ("similarity.csv", "layer_curves.csv", "layer_curves.png", "pruning.csv",
                  "top_bottom.csv", "averages.png", "run.json", "neurons/method2_class3.png"):
@@ -425,8 +425,8 @@ def test_cli_end_to_end_on_digits(tmp_path):
     assert pruning["acc_prune_random"].between(0, 100).all()
     info = json.loads((out / "run.json").read_text())
     assert info["classes"] == [0, 3] and info["ratio"] == 0.25
-    assert main(["similarity", "--ratio", "2", "--out", str(out)]) == 2
-    assert main(["similarity", "--classes", "12", "--out", str(out)]) == 2
+    assert main(["similarity", "--ratio", "2", "--output", str(out)]) == 2
+    assert main(["similarity", "--classes", "12", "--output", str(out)]) == 2
 
 
 # ---- the model-scope metric similarity-value ---------------------------------------------------
@@ -478,7 +478,7 @@ def test_similarity_value_runs_once_per_image_and_only_when_asked(tmp_path):
 
     out = tmp_path / "results"
     assert main(["run", "--explainers", "gradcam", "--metrics", "similarity-value,average-drop",
-                 "--limit", "2", "--out", str(out), "-o", "similarity-value.neurons=4",
+                 "--limit", "2", "--output", str(out), "-o", "similarity-value.neurons=4",
                  "-o", "similarity-value.methods=1"]) == 0
     (run,) = [p for p in out.iterdir() if p.is_dir()]
     rows = [r for r in RunFolder(run).rows() if r.metric == "similarity-value"]

@@ -194,7 +194,7 @@ class RunSelection:
         inside = Path(os.path.normpath(self.folder.path))
         if Path(self.run_name).is_absolute() or inside.parent != Path(os.path.normpath(out)):
             raise UserError(f"--name {self.run_name!r}: a run name is one folder name inside "
-                            f"--out {out} (no '/', '..' or absolute path); use --out to choose "
+                            f"--output {out} (no '/', '..' or absolute path); use --output to choose "
                             f"where runs go.")
 
     def _box_metrics(self, names: list[str]) -> list[str]:

@@ -72,7 +72,7 @@ class RunHeader:
         version = data.get("schema_version")
         if version != SCHEMA_VERSION:
             raise UserError(f"{path} was written with results schema version {version}; this "
-                            f"xbench reads version {SCHEMA_VERSION}. Re-run into a new --out "
+                            f"xbench reads version {SCHEMA_VERSION}. Re-run into a new --output "
                             "folder or use the xbench version that wrote it.")
         known = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in known})
@@ -213,7 +213,7 @@ class RunFolder:
         return RunHeader.from_file(self.header_path)
 
     def acquire_lock(self) -> None:
-        """Refuse to share the folder with another writer (a second run on the same --out).
+        """Refuse to share the folder with another writer (a second run on the same --output).
 
         Taken (O_EXCL) before anything reads the folder's state and held until the run ends,
         so two runs started together cannot both find it free."""
@@ -227,7 +227,7 @@ class RunFolder:
                 lock.unlink()  # left by a killed run: safe to take over
                 return self.acquire_lock()
             raise UserError(f"{self.path} is in use by another xbench run (process {owner}); wait "
-                            f"for it to finish or choose another --out. If no run is active, "
+                            f"for it to finish or choose another --output. If no run is active, "
                             f"delete {lock}.") from None
         os.write(self._lock_fd, str(os.getpid()).encode())
         os.fsync(self._lock_fd)
@@ -240,7 +240,7 @@ class RunFolder:
 
     def probe_writable(self) -> None:
         """Create the folder and a probe file in it, or raise UserError saying why not (run
-        before anything expensive, so an unwritable ``--out`` fails at once)."""
+        before anything expensive, so an unwritable ``--output`` fails at once)."""
         probe = self.path / f".probe-{os.getpid()}"
         try:
             self.path.mkdir(parents=True, exist_ok=True)
@@ -251,7 +251,7 @@ class RunFolder:
             if isinstance(exc, (FileExistsError, NotADirectoryError)):
                 reason = "a file, not a folder, is in the way"
             raise UserError(f"cannot write results to {self.path}: {reason} "
-                            f"({exc.filename or self.path}). Choose a writable --out folder "
+                            f"({exc.filename or self.path}). Choose a writable --output folder "
                             f"(and --name).") from exc
 
     def clear_outputs(self) -> None:

@@ -149,7 +149,7 @@ class Runner:
         tune_allocator()
         torch.manual_seed(self.config.seed)
         writer = self.folder if world == 1 else self.folder.shard(rank)
-        # Before anything slow: an unwritable --out fails at once, and the lock is taken before
+        # Before anything slow: an unwritable --output fails at once, and the lock is taken before
         # the folder's state is read, so a second run started meanwhile cannot also find it free.
         writer.probe_writable()
         writer.acquire_lock()
@@ -226,7 +226,7 @@ class Runner:
         if not resume:
             raise UserError(
                 f"{self.folder.path} already holds a run. Use --resume to finish it (finished "
-                f"units are kept), --overwrite to start again, or --name/--out for a new run.")
+                f"units are kept), --overwrite to start again, or --name/--output for a new run.")
 
     def _check_same_run(self, header: RunHeader) -> None:
         old = self.folder.header()

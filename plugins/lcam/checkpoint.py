@@ -77,7 +77,7 @@ def check_compatible(info: HeadInfo, model: ClassifierHandle, source: str,
                      variant: str | None = None) -> None:
     """Refuse a head made for another model, class count, channel count or variant."""
     train_hint = (f"train one with: xbench train lcam --model {model.name or 'NAME'} "
-                  f"--variant {variant or info.variant} --data FOLDER --epochs E --out FILE.pt")
+                  f"--variant {variant or info.variant} --data FOLDER --epochs E --output FILE.pt")
     if model.name and info.model != model.name:
         raise UserError(f"L-CAM checkpoint {source} was trained for model {info.model!r} "
                         f"(layer {info.layer!r}), not for {model.name!r}; {train_hint}")

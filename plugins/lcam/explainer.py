@@ -41,7 +41,7 @@ class _LCAM(Explainer):
                 f"explainer {self.name!r}: no shipped L-CAM-{self.lcam_variant.capitalize()} head "
                 f"for model {model.name or '(unnamed)'!r} (shipped for: {', '.join(shipped) or 'none'}). "
                 f"Train one with: xbench train lcam --model {model.name or 'NAME'} --variant "
-                f"{self.lcam_variant} --data FOLDER --epochs E --out head.pt, then pass option "
+                f"{self.lcam_variant} --data FOLDER --epochs E --output head.pt, then pass option "
                 f"checkpoint=head.pt"
             )
         return path

@@ -40,7 +40,7 @@ available to us does not pin (only the abstract could be consulted), each one a 
   cosine-annealed per step; BatchNorm statistics optionally frozen for pretrained students.
 
 Reproduce (``xbench train mutual-transfer --help``):
-- digits Table-1 demo: ``xbench train mutual-transfer --data digits --compare --out DIR``
+- digits Table-1 demo: ``xbench train mutual-transfer --data digits --compare --output DIR``
   (small-wrn + small-mobilenet; independent, global and local at lambda 0.5, 0.9, 0.99, 0.998
   (``--lambdas``), beta 1, grid 2x2, 3 epochs, batch 32, seed 0; held-out 540 digits,
   stratified split with fixed seed 0); ``python -m xbench_plugins.mutual_transfer.report

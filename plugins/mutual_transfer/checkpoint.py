@@ -48,15 +48,15 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"mutual-transfer checkpoint {path}: no such file; train one with "
-                        "'xbench train mutual-transfer ... --out CKPT'")
+                        "'xbench train mutual-transfer ... --output CKPT'")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unreadable file is the user's to fix
         raise UserError(f"{path} is not a readable mutual-transfer checkpoint ({type(exc).__name__}: "
-                        f"{exc}); train one with 'xbench train mutual-transfer ... --out CKPT'") from exc
+                        f"{exc}); train one with 'xbench train mutual-transfer ... --output CKPT'") from exc
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
         raise UserError(f"{path} is not a mutual-transfer checkpoint (no format={CHECKPOINT_FORMAT!r} "
-                        "marker); train one with 'xbench train mutual-transfer ... --out CKPT'")
+                        "marker); train one with 'xbench train mutual-transfer ... --output CKPT'")
     if payload.get("version") != CHECKPOINT_VERSION:
         raise UserError(f"{path}: mutual-transfer checkpoint version {payload.get('version')} is not "
                         f"supported (expected {CHECKPOINT_VERSION}); retrain it")

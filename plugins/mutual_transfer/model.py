@@ -28,7 +28,7 @@ class MutualTransferModel(Model):
             raise UserError(
                 "model 'mutual-transfer' needs a checkpoint (--checkpoint CKPT). Train one, e.g. "
                 "'xbench train mutual-transfer --st1 small-wrn --st2 small-mobilenet --data digits "
-                "--lambda 0.5 --beta 1 --epochs 4 --out mt.pt' (a few minutes on a CPU)")
+                "--lambda 0.5 --beta 1 --epochs 4 --output mt.pt' (a few minutes on a CPU)")
         payload = read_checkpoint(self.checkpoint)
         student = restore_student(payload["members"][self.options.member])
         return LoadedModel(

@@ -66,7 +66,7 @@ def register_metrics(register):
 
 
 def add_stats_arguments(parser):
-    parser.add_argument("run_dir", help="a run folder (xbench run --out)")
+    parser.add_argument("run_dir", help="a run folder (xbench run --output)")
 
 
 def run_stats(args):
