@@ -148,8 +148,14 @@ COMMANDS = {
     "verify": (["verify", RUN_DIR], False),
     "analyze": (["analyze", RUN_DIR], True),
     "plot pareto": (["plot", "pareto", RUN_DIR, "--metric", "insertion"], True),
+    # the study commands plugins register; their --output is required (a later one wins)
+    "train lcam": (["train", "lcam", "--variant", "fm", "--epochs", "1", "--data", "imgs",
+                    "--output", "head.pt"], True),
+    "train mutual-transfer": (["train", "mutual-transfer", "--output", "mt.pt"], True),
+    "similarity": (["similarity", "--output", "sim"], True),
 }
 TAKES_PLUGIN_OPTIONS = {"run", "explain"}
+STUDIES = ("train lcam", "train mutual-transfer", "similarity")
 
 
 def parse(argv):
@@ -233,6 +239,64 @@ def test_run_takes_the_data_flags_and_checks_numbers(capsys):
 def test_old_spelling_out_still_works_and_says_so(capsys):
     assert parse(["run", "--out", "elsewhere"]).output == "elsewhere"
     assert "--out is deprecated; use --output" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", STUDIES)
+def test_a_study_needs_its_output_and_still_takes_out(command, capsys):
+    argv, _ = COMMANDS[command]
+    without = argv[:argv.index("--output")]
+    assert "one of the arguments --output is required" in parse_error(without, capsys)
+    assert parse([*without, "--out", "old"]).output == "old"
+    assert "--out is deprecated; use --output" in capsys.readouterr().err
+    help_text = _help(command)
+    assert "--output" in help_text and "--out " not in help_text
+
+
+def _help(command: str) -> str:
+    from xbench.cli import build_parser
+
+    argv, _ = COMMANDS[command]
+    parser = build_parser(argv)
+    for word in command.split():
+        parser = next(action for action in parser._actions
+                      if isinstance(action, __import__("argparse")._SubParsersAction)
+                      ).choices[word]
+    return parser.format_help()
+
+
+def test_the_study_commands_take_the_shared_flags(capsys):
+    from xbench_plugins.lcam.cli import command_line
+
+    lcam = COMMANDS["train lcam"][0]
+    args = parse([*lcam, "--model", "resnet18", "--weights", "w.pt", "--labels", "l.csv",
+                  "--limit", "4", "--layer", "layer4", "--seed", "3"])
+    assert (args.model, args.weights, args.data, args.labels, args.limit, args.layers,
+            args.seed, args.output) == ("resnet18", "w.pt", "imgs", "l.csv", 4, "layer4", 3,
+                                        "head.pt")
+    assert parse(lcam).model == "efficientnet-lite0" and parse(lcam).layers == "last"
+    recorded = command_line(args)
+    assert "--output head.pt" in recorded and "--layer layer4" in recorded
+    assert "--out " not in recorded and "--layers" not in recorded
+    assert "the following arguments are required: --data" in parse_error(
+        ["train", "lcam", "--variant", "fm", "--epochs", "1", "--output", "h.pt"], capsys)
+    assert "argument --limit: '0': must be at least 1" in parse_error([*lcam, "--limit", "0"],
+                                                                       capsys)
+
+    similarity = COMMANDS["similarity"][0]
+    args = parse(similarity)
+    assert (args.model, args.data, args.limit, args.layers, args.device, args.seed) == \
+        ("digits-vgg", "digits", 500, "all", "cpu", 0)
+    args = parse([*similarity, "--layers", "features.relu1,features.relu5", "--device", "auto",
+                  "--data", "imgs", "--labels", "l.csv", "--limit", "20", "--seed", "2"])
+    assert (args.layers, args.device, args.data, args.labels, args.limit, args.seed) == \
+        ("features.relu1,features.relu5", "auto", "imgs", "l.csv", 20, 2)
+
+    mutual = COMMANDS["train mutual-transfer"][0]
+    args = parse([*mutual, "--data", "cifar10", "--limit", "40", "--seed", "1",
+                  "--lambdas", "-1,0.5"])
+    assert (args.data, args.limit, args.seed, args.lambdas) == ("cifar10", 40, 1, "-1,0.5")
+    for flag in ("--labels", "--model"):  # no such choice in this study: refused, not ignored
+        assert f"unrecognized arguments: {flag}" in parse_error([*mutual, flag, "x"], capsys)
 
 
 @pytest.mark.parametrize("argv,message", [
@@ -327,7 +391,7 @@ def test_help_has_groups_defaults_and_examples(command):
     assert "``" not in text and ":mod:" not in text
     undocumented = [action.dest for action in parser._actions if not action.help]
     assert undocumented == []
-    if command in ("run", "explain", "report"):
+    if command in ("run", "explain", "report", *STUDIES):
         assert "(default: " in text and "output:" in text
 
 
