@@ -7,7 +7,8 @@ A flag means the same thing in every command that takes it:
 - data: ``--data``, ``--labels``, ``--boxes``, ``--limit`` (:func:`add_data_options`);
 - explanation: ``--target`` (``predicted``, ``label`` or a class index), ``--layer`` (one
   value: ``last``, ``all``, ``NAME`` or ``NAME,NAME``; ``--layers`` is the same flag), ``--seed``
-  (:func:`add_explanation_options`);
+  (:func:`add_explanation_options`; :func:`add_layer_option` and :func:`add_seed_option` add
+  one of them alone);
 - plugins: ``-o/--option PLUGIN.KEY=VALUE`` (repeatable; a plugin option, never an output) and
   ``-p no:NAME`` (block a plugin; before or after the command) (:func:`add_plugin_options`);
 - output: ``--output PATH``, the one name of every path a command writes
