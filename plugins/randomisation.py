@@ -42,7 +42,6 @@ import torch.nn.functional as F
 
 import xbench
 from xbench import ClassifierHandle, Metric, MetricBatch, UserError, hookimpl
-from xbench.options import format_settings
 
 SIMILARITIES = ("spearman", "ssim")
 
@@ -160,7 +159,7 @@ class ModelRandomisation(_Sanity):
 
     def format_variant(self, changed):
         changed = {k: v for k, v in changed.items() if k != "stages"}  # in the score keys
-        return format_settings(changed)
+        return super().format_variant(changed)
 
     def score(self, batch: MetricBatch) -> dict[str, torch.Tensor]:
         _need_explain(batch, self.name)
