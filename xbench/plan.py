@@ -114,21 +114,28 @@ def command_line_options(config: RunConfig, classes: dict[str, type]) -> dict[st
             raise UserError(f"--option {plugin}.*: {plugin!r} is not a selected explainer, "
                             f"metric or the model.{did_you_mean(plugin, classes)}")
         out[plugin] = {key: classes[plugin].parse_option(key, raw) for key, raw in values.items()}
-    model = classes[config.model]
-    if config.checkpoint:
+    apply_model_flags(out, classes, config.model, checkpoint=config.checkpoint,
+                      member=config.member, weights=config.weights)
+    return out
+
+
+def apply_model_flags(options: dict[str, dict[str, Any]], classes: dict[str, type], model: str,
+                      checkpoint: str | None, member: str | None, weights: str | None) -> None:
+    """``--checkpoint``, ``--member`` and ``--weights`` as the declared options of the plugins
+    that take them (every command that loads a model: run, explain), into ``options``."""
+    if checkpoint:
         takers = [name for name, cls in classes.items() if _declares(cls, "checkpoint")]
         if not takers:
             raise UserError(f"--checkpoint: none of the selected plugins ({', '.join(classes)}) "
                             "takes a checkpoint; select one that does (see 'xbench plugins NAME')")
         for name in takers:
-            out.setdefault(name, {}).setdefault("checkpoint", config.checkpoint)
-    if config.member is not None:
-        if not _declares(model, "member"):
-            raise UserError(f"--member: model {config.model!r} has no members")
-        out.setdefault(config.model, {})["member"] = model.parse_option("member", config.member)
-    if config.weights is not None:
-        out.setdefault(config.model, {})["weights"] = config.weights
-    return out
+            options.setdefault(name, {}).setdefault("checkpoint", checkpoint)
+    if member is not None:
+        if not _declares(classes[model], "member"):
+            raise UserError(f"--member: model {model!r} has no members")
+        options.setdefault(model, {})["member"] = classes[model].parse_option("member", member)
+    if weights is not None:
+        options.setdefault(model, {})["weights"] = weights
 
 
 def select_metrics(registry: Registry, spec: str) -> list[str]:

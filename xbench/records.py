@@ -32,8 +32,6 @@ LOCK_FILE = "LOCK"
 #: everything a run writes into its folder (``--overwrite`` removes all of it)
 RUN_OUTPUTS = (HEADER_FILE, ROWS_FILE, PROGRESS_FILE, "run.tmp", "maps", "shards", "report.html",
                ".view")
-#: the kinds of rows (:func:`row_kind`)
-ROW_KINDS = ("confidence", "model-score", "score", "diagnostic", "failure")
 
 
 class RecordError(UserError):
@@ -163,24 +161,6 @@ class ResultRow:
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), sort_keys=True, allow_nan=False)
-
-
-def row_kind(row: ResultRow | dict[str, Any]) -> str:
-    """The kind of a row: its ``kind`` field when it records one, else derived as records
-    without it were written: a failed row is "failure"; a row with no explainer is the
-    image's "confidence" row or a "model-score" (a model-scope metric); an explainer's row
-    with no direction is a "diagnostic" (e.g. ``scorecam:skipped-channels``); else "score"."""
-    get = row.get if isinstance(row, dict) else lambda name, default=None: getattr(row, name, default)
-    kind = get("kind", "")
-    if kind:
-        return kind
-    if get("status") == "failed":
-        return "failure"
-    if get("explainer") == "":
-        return "confidence" if get("metric") == "confidence" else "model-score"
-    if get("direction") == "":
-        return "diagnostic"
-    return "score"
 
 
 @dataclass

@@ -66,6 +66,7 @@ def run(args: argparse.Namespace) -> int:
     from xbench.engine import auto_engine
     from xbench.environment import resolve_device
     from xbench.model import ClassifierHandle, masked_batch_size
+    from xbench.plan import apply_model_flags
     from xbench.plugins import build_registry
     from xbench.saliency import normalize_maps
 
@@ -85,7 +86,8 @@ def run(args: argparse.Namespace) -> int:
     model_cls = registry.model(args.model)
     classes = {args.explainer: explainer_cls, args.model: model_cls}
     options = plugin_option_values(args.options, classes)
-    _model_flags(args, classes, options)
+    apply_model_flags(options, classes, args.model, checkpoint=args.checkpoint,
+                      member=args.member, weights=args.weights)
     layer = None if args.layers == "last" else args.layers
     device = resolve_device(args.device)
     loaded = _make("model", model_cls, options.get(args.model, {})).load()
@@ -133,30 +135,6 @@ def run(args: argparse.Namespace) -> int:
 
 #: --dtype -> torch dtype attribute (xbench.runner.DTYPES, without importing the runner)
 _DTYPES = {"bf16": "bfloat16", "fp16": "float16"}
-
-
-def _declares(cls: type, option: str) -> bool:
-    return any(spec.name == option for spec in cls.option_specs())
-
-
-def _model_flags(args: argparse.Namespace, classes: dict[str, type],
-                 options: dict[str, dict]) -> None:
-    """--weights, --member and --checkpoint as options of the plugins that take them (as
-    xbench run does)."""
-    model = classes[args.model]
-    if args.checkpoint:
-        takers = [name for name, cls in classes.items() if _declares(cls, "checkpoint")]
-        if not takers:
-            raise UserError(f"--checkpoint: neither {args.explainer!r} nor {args.model!r} takes a "
-                            "checkpoint; choose one that does (see 'xbench plugins NAME')")
-        for name in takers:
-            options.setdefault(name, {}).setdefault("checkpoint", args.checkpoint)
-    if args.member is not None:
-        if not _declares(model, "member"):
-            raise UserError(f"--member: model {args.model!r} has no members")
-        options.setdefault(args.model, {})["member"] = model.parse_option("member", args.member)
-    if args.weights is not None:
-        options.setdefault(args.model, {})["weights"] = args.weights
 
 
 def _make(kind: str, cls: type, options: dict):
