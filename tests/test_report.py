@@ -322,7 +322,7 @@ def test_report_in_headless_chromium(browser, tiny_run, tiny_page, tmp_path):
     table = _matrix(tiny_run)
     assert _table_order(browser) == EXPLAINERS
     cells = browser.execute_script(
-        "const heads = Array.from(document.querySelectorAll('#leaderboard thead th'));"
+        "const heads = Array.from(document.querySelectorAll('#leaderboard thead tr:last-child th'));"  # under the family row
         "const col = heads.findIndex(h => h.getAttribute('data-column') === 'insertion@step=128');"
         "return Array.from(document.querySelectorAll('#leaderboard tbody tr'))"
         ".map(r => parseFloat(r.cells[col].getAttribute('data-value')));")
