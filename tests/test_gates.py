@@ -88,6 +88,16 @@ def test_leaderboard_marks_failing_cells():
     assert list(table.gate) == ["†" if e == "flat" else "" for e in table.explainer]
 
 
+def test_a_cost_family_column_is_not_gated():
+    """A plugin's cost metric (not one of the built-in names) is ungated by its family."""
+    frame = _frame({"random": {"energy-joules": ("lower", [0.0, 0.0, 0.0])},
+                    "good": {"energy-joules": ("lower", [2.0, 3.0, 4.0])}})
+    table = leaderboard.matrix(frame)
+    assert list(gates.mark_matrix(frame, table).gate) == ["†", ""]  # no family known: gated
+    table["family"] = "cost"
+    assert list(gates.mark_matrix(frame, table).gate) == ["", ""]
+
+
 @pytest.mark.parametrize("values", [[0.5, 0.6, 0.7], [0.7, 0.5, 0.6]])
 def test_order_of_images_does_not_matter(values):
     frame = _frame({"random": {"insertion": ("higher", [0.6, 0.6, 0.6])},

@@ -7,9 +7,9 @@ Two gates, both defined in docs/protocol.md "Sanity gates":
   (E - C when higher is better, C - E when lower is better), lies above 0; the images are
   those both scored (same images, same targets). E passes the gate on the column when it beats
   every control the run holds (``random`` and ``centre-gaussian``, :data:`CONTROLS`); with
-  fewer than 2 common images no claim is made. Controls are not gated; cost columns
-  (:data:`UNGATED_METRICS`) are not either: a control costs nothing, and a cost is not a claim
-  about faithfulness.
+  fewer than 2 common images no claim is made. Controls are not gated; cost columns (the
+  metrics of the ``cost`` family, or :data:`UNGATED_METRICS` where no family is known) are not
+  either: a control costs nothing, and a cost is not a claim about faithfulness.
 - **model randomisation** (Adebayo et al., "Sanity Checks for Saliency Maps", NeurIPS 2018):
   on a column of a metric whose name says randomisation (``model-randomisation``...), whose
   values are the similarity of each map to the map of the weight-randomised model (direction
@@ -28,7 +28,9 @@ import pandas as pd
 from xbench.stats import bootstrap_ci
 
 CONTROLS = ("random", "centre-gaussian")
-#: cost columns: every explainer spends more passes and seconds than a control
+#: the families whose columns are never gated (cost: every explainer spends more than a control)
+UNGATED_FAMILIES = frozenset({"cost", "diagnostic"})
+#: the built-in cost metrics, for rows read without their families
 UNGATED_METRICS = frozenset({"forward-passes", "backward-passes", "time"})
 #: half of a similarity in [0, 1] (rank correlation, SSIM): see the module docstring
 RANDOMISATION_THRESHOLD = 0.5
@@ -82,9 +84,10 @@ def _scored(frame: pd.DataFrame) -> pd.DataFrame:
 
 
 def evaluate(frame: pd.DataFrame, seed: int = 0, controls: tuple[str, ...] = CONTROLS,
-             threshold: float = RANDOMISATION_THRESHOLD) -> list[GateFailure]:
+             threshold: float = RANDOMISATION_THRESHOLD,
+             ungated: frozenset[str] = frozenset()) -> list[GateFailure]:
     """The gate failures of a run's rows (``xbench.leaderboard.rows_frame``), sorted by
-    explainer, layer and column."""
+    explainer, layer and column; ``ungated``: further columns not gated (a cost family's)."""
     scored = _scored(frame)
     present = [c for c in controls if c in set(scored.explainer)]
     per_image = {}
@@ -100,7 +103,7 @@ def evaluate(frame: pd.DataFrame, seed: int = 0, controls: tuple[str, ...] = CON
                                                       threshold):
                 out.append(GateFailure(explainer, layer, column, randomisation=True))
             continue
-        if explainer in controls or metric in UNGATED_METRICS:
+        if explainer in controls or metric in UNGATED_METRICS or column in ungated:
             continue
         values = cell.groupby("image").value.mean()
         lost = []
@@ -122,7 +125,10 @@ def evaluate(frame: pd.DataFrame, seed: int = 0, controls: tuple[str, ...] = CON
 def mark_matrix(frame: pd.DataFrame, table: pd.DataFrame, seed: int = 0) -> pd.DataFrame:
     """``table`` (``xbench.leaderboard.matrix``) with a ``gate`` column: the footnote mark of
     each failing cell, '' elsewhere."""
-    marks = {(f.explainer, f.layer, f.column): f.mark for f in evaluate(frame, seed)}
+    ungated = frozenset(table.column[table.family.isin(UNGATED_FAMILIES)]) \
+        if "family" in table else frozenset()
+    marks = {(f.explainer, f.layer, f.column): f.mark
+             for f in evaluate(frame, seed, ungated=ungated)}
     table = table.copy()
     table["gate"] = [marks.get(key, "") for key in zip(table.explainer, table.layer,
                                                        table.column)] if len(table) else []
