@@ -11,7 +11,7 @@ from xbench.errors import UserError
 from xbench.model import ClassifierHandle, capture_activations
 from xbench.plugins import build_registry
 from xbench.saliency import normalize_maps
-from xbench.testing import check_explainer, toy_images, toy_model
+from xbench.testing import check_explainer, random_resnet18, toy_images, toy_model
 from xbench_plugins.cam_variants import eigen_projection
 from xbench_plugins.gradcam import target_layer_gradients
 
@@ -148,16 +148,7 @@ def lite0():
 @pytest.fixture(scope="module")
 def resnet18() -> ClassifierHandle:
     """torchvision ResNet-18 with random (seeded) weights, in-place ReLUs, 96 px input."""
-    import torchvision
-
-    from xbench.base import LoadedModel
-
-    torch.manual_seed(0)
-    net = torchvision.models.resnet18(weights=None, num_classes=10).eval()
-    return ClassifierHandle(LoadedModel(module=net, input_size=96, mean=(0.485, 0.456, 0.406),
-                                        std=(0.229, 0.224, 0.225),
-                                        class_names=tuple("abcdefghij"),
-                                        default_layer="layer4"), name="resnet18-random")
+    return random_resnet18(size=96)
 
 
 @pytest.mark.parametrize("name", list(PEERS))

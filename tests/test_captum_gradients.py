@@ -7,7 +7,6 @@ import copy
 import numpy as np
 import pytest
 import torch
-import torchvision
 from captum.attr import (DeepLift, DeepLiftShap, Deconvolution, GradientShap, InputXGradient,
                          IntegratedGradients, NoiseTunnel, Saliency)
 from torch import nn
@@ -17,7 +16,7 @@ from xbench.errors import UserError
 from xbench.model import ClassifierHandle
 from xbench.plugins import build_registry
 from xbench.profiles import plugin_options
-from xbench.testing import check_explainer, toy_images, toy_model
+from xbench.testing import check_explainer, random_resnet18, toy_images, toy_model
 from xbench_plugins import captum_gradients as cg
 from xbench_plugins.controls import image_seed
 
@@ -39,12 +38,7 @@ def relu_toy() -> ClassifierHandle:
 @pytest.fixture(scope="module")
 def resnet18() -> ClassifierHandle:
     """torchvision ResNet-18, random weights (seeded), in-place ReLUs, 64 px input."""
-    torch.manual_seed(0)
-    net = torchvision.models.resnet18(weights=None, num_classes=10).eval()
-    loaded = LoadedModel(module=net, input_size=64, mean=(0.485, 0.456, 0.406),
-                         std=(0.229, 0.224, 0.225), class_names=tuple("abcdefghij"),
-                         default_layer="layer4")
-    return ClassifierHandle(loaded, name="resnet18-random")
+    return random_resnet18(size=64)
 
 
 def ours(name, model, images, targets, seed=0, **options):

@@ -13,7 +13,7 @@ from xbench.base import LoadedModel
 from xbench.errors import UserError
 from xbench.model import ClassifierHandle
 from xbench.plugins import build_registry
-from xbench.testing import check_explainer, toy_images, toy_model
+from xbench.testing import check_explainer, random_resnet18, toy_images, toy_model
 from xbench_plugins.captum_perturbation import patch_mask, slic_mask
 from xbench_plugins.controls import image_seed
 
@@ -189,14 +189,7 @@ def test_lime_default_is_not_degenerate_on_efficientnet_lite0():
 
 
 def test_shapley_value_sampling_equals_captum_on_random_resnet18():
-    import torchvision
-
-    torch.manual_seed(0)
-    net = torchvision.models.resnet18(weights=None, num_classes=10).eval()
-    model = ClassifierHandle(LoadedModel(module=net, input_size=64, mean=(0.485, 0.456, 0.406),
-                                         std=(0.229, 0.224, 0.225),
-                                         class_names=tuple("abcdefghij"),
-                                         default_layer="layer4"), name="resnet18-random")
+    model = random_resnet18(size=64)
     images, targets = toy_images(1, size=64, seed=2), torch.tensor([3])
     options = {"samples": 2, "segments": "patches", "patch": 16, "output": "logit"}
     ref = captum_direct("shapley-value-sampling", model, images, targets, seed=1, **options)

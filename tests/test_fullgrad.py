@@ -12,7 +12,7 @@ from xbench.base import LoadedModel
 from xbench.model import ClassifierHandle
 from xbench.plugins import build_registry
 from xbench.saliency import normalize_maps
-from xbench.testing import check_explainer, toy_images, toy_model
+from xbench.testing import check_explainer, random_resnet18, toy_images, toy_model
 from xbench_plugins.fullgrad import layer_bias
 
 REGISTRY = build_registry()
@@ -69,14 +69,7 @@ def test_agrees_with_pytorch_grad_cam_on_the_toy():
 
 def test_agrees_with_pytorch_grad_cam_on_random_resnet18():
     """In-place ReLUs after every batch norm: z_l is read before they overwrite it."""
-    import torchvision
-
-    torch.manual_seed(0)
-    net = torchvision.models.resnet18(weights=None, num_classes=10).eval()
-    model = ClassifierHandle(LoadedModel(module=net, input_size=64, mean=(0.485, 0.456, 0.406),
-                                         std=(0.229, 0.224, 0.225),
-                                         class_names=tuple("abcdefghij"),
-                                         default_layer="layer4"), name="resnet18-random")
+    model = random_resnet18(size=64)
     assert_agrees(model, toy_images(2, size=64, seed=4))
 
 

@@ -10,10 +10,9 @@ import pytest
 import torch
 from torch import nn
 
-from xbench.base import LoadedModel
 from xbench.model import ClassifierHandle
 from xbench.plugins import build_registry
-from xbench.testing import check_explainer, toy_images, toy_model
+from xbench.testing import check_explainer, random_resnet18, toy_images, toy_model
 
 zennit = pytest.importorskip("zennit")
 
@@ -23,14 +22,7 @@ REGISTRY = build_registry()
 
 
 def resnet18(size=64) -> ClassifierHandle:
-    import torchvision
-
-    torch.manual_seed(0)
-    net = torchvision.models.resnet18(weights=None, num_classes=10).eval()
-    return ClassifierHandle(LoadedModel(module=net, input_size=size, mean=(0.485, 0.456, 0.406),
-                                        std=(0.229, 0.224, 0.225),
-                                        class_names=tuple("abcdefghij"),
-                                        default_layer="layer4"), name="resnet18-random")
+    return random_resnet18(size=size)
 
 
 @pytest.fixture(scope="module")

@@ -66,6 +66,22 @@ def toy_model(seed: int = 0, device: str | torch.device = "cpu") -> ClassifierHa
     return ClassifierHandle(loaded, device, name="toy-cnn")
 
 
+def random_resnet18(size: int = 64, seed: int = 0) -> ClassifierHandle:
+    """torchvision's ResNet-18 with seeded random weights (10 classes, in-place ReLUs, default
+    layer ``layer4``) at ``size`` px: the second architecture explainers are checked on against
+    their reference libraries (residual blocks, batch norm, real depth, no download)."""
+    import torchvision
+
+    generator_state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    net = torchvision.models.resnet18(weights=None, num_classes=10).eval()
+    torch.random.set_rng_state(generator_state)
+    loaded = LoadedModel(module=net, input_size=size, mean=(0.485, 0.456, 0.406),
+                         std=(0.229, 0.224, 0.225), class_names=tuple("abcdefghij"),
+                         default_layer="layer4")
+    return ClassifierHandle(loaded, name="resnet18-random")
+
+
 class ToyGradient(Explainer):
     """|d logit_target / d x| summed over channels: the explainer ``check_metric`` hands to
     metrics that re-explain (``MetricBatch.explain``)."""
