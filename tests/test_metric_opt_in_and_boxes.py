@@ -26,9 +26,19 @@ def registry():
 def test_opt_in_metrics_are_declared_and_left_out_of_all(registry):
     declared = {n for n in registry.names("metric") if registry.metric(n).opt_in}
     assert declared == OPT_IN
-    default = [n for n in select_metrics(registry, "all")
-               if registry.metric(n).kind != "model" and not registry.metric(n).opt_in]
+    default = select_metrics(registry, "all")
     assert not OPT_IN & set(default) and "deletion" in default
+    assert all(registry.metric(n).kind != "model" for n in default)
+
+
+def test_all_in_a_list_is_the_default_set_plus_the_others(registry):
+    """`--metrics all,localisation` once selected every installed metric, the opt-in and
+    model-scope ones included: 'all' means the default set wherever it appears."""
+    default = select_metrics(registry, "all")
+    combined = select_metrics(registry, "all,localisation,infidelity")
+    assert combined[:len(default)] == default
+    assert set(combined) - set(default) == {"infidelity"}
+    assert not {"model-randomisation", "road-morf", "max-sensitivity"} & set(combined)
 
 
 def test_naming_a_metric_or_its_family_selects_it(registry):

@@ -142,15 +142,21 @@ def select_metrics(registry: Registry, spec: str) -> list[str]:
     """``--metrics``: 'all', or names and family names (``localisation``, ``complexity``,
     ``faithfulness``, ``cost``, ``model``; a family expands to its metrics in registry order)."""
     names = [n.strip() for n in spec.split(",") if n.strip()]
-    if names == ["all"]:
-        return registry.select("metric", "all")
     metrics = registry.names("metric")
+    # 'all' leaves out model-scope and opt-in metrics (they cost many passes), alone or in a list
+    default = [name for name in registry.select("metric", "all")
+               if registry.metric(name).kind != "model"
+               and not getattr(registry.metric(name), "opt_in", False)]
+    if names == ["all"]:
+        return default
     families: dict[str, list[str]] = {}
     for name in metrics:
         families.setdefault(registry.metric(name).metric_family(), []).append(name)
     out: list[str] = []
     for name in names:
-        if name in metrics:
+        if name == "all":
+            chosen = default
+        elif name in metrics:
             chosen = [name]
         elif name in families:
             chosen = families[name]
@@ -180,10 +186,6 @@ class RunSelection:
         check_config(config)
         self.explainer_names = registry.select("explainer", config.explainers)
         self.metric_names = select_metrics(registry, config.metrics)
-        if config.metrics == "all":  # model-scope and opt-in metrics: they cost many passes
-            self.metric_names = [name for name in self.metric_names
-                                 if registry.metric(name).kind != "model"
-                                 and not getattr(registry.metric(name), "opt_in", False)]
         self.classes: dict[str, type] = {
             **{name: registry.explainer(name) for name in self.explainer_names},
             **{name: registry.metric(name) for name in self.metric_names},
