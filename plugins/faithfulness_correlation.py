@@ -70,6 +70,10 @@ class FaithfulnessCorrelation(Metric):
 
     profiles = {"quick": {"runs": 20}}
 
+    @classmethod
+    def expected_passes(cls, options, facts):
+        return xbench.Passes(options.runs)
+
     def score(self, batch: MetricBatch) -> dict[str, torch.Tensor]:
         o = self.options
         pixels = batch.saliency[0].numel()

@@ -69,6 +69,10 @@ class Infidelity(Metric):
 
     profiles = {"quick": {"samples": 8}}
 
+    @classmethod
+    def expected_passes(cls, options, facts):
+        return xbench.Passes(1 + options.samples)  # captum reads f(x) once, then each sample
+
     def score(self, batch: MetricBatch) -> dict[str, torch.Tensor]:
         from captum.metrics import infidelity
 

@@ -126,6 +126,10 @@ class _Road(Metric):
 
     profiles = {"quick": {"percentages": (10.0, 30.0, 50.0, 70.0, 90.0)}}
 
+    @classmethod
+    def expected_passes(cls, options, facts):
+        return xbench.Passes(len(options.percentages))
+
     def score(self, batch: MetricBatch) -> dict[str, torch.Tensor]:
         o = self.options
         if not o.percentages or any(not 0 <= p < 100 for p in o.percentages):

@@ -157,6 +157,8 @@ def _metric_batch(model, batch=2):
 @pytest.mark.parametrize("name, options", [
     ("average-drop", {}), ("average-increase", {"masking": "binary"}),
     ("insertion", {"step": 100}), ("deletion", {}), ("sparseness", {}),
+    ("faithfulness-correlation", {"runs": 5, "subset_size": 16}), ("infidelity", {"samples": 3}),
+    ("road-morf", {"percentages": (10.0, 50.0)}), ("road-lerf", {}),
 ])
 def test_declared_metric_passes_equal_the_counted_ones(toy_registry, name, options):
     model = toy_model()
