@@ -3,13 +3,14 @@ against hand-computed answers (and scipy's kendalltau as a peer)."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from xbench import analyze, leaderboard
-from xbench.records import ResultRow
+from xbench.records import ResultRow, RunFolder
 
 RESULTS = Path(__file__).resolve().parents[1] / "results"
 
@@ -117,3 +118,34 @@ def test_cli_on_a_committed_run(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "Kendall's tau-b" in out and "insertion@step=" in out
     assert output.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_cli_controls_table_on_a_committed_run(capsys):
+    """`xbench analyze RUN --controls` prints the gate outcome of every cell: the cells marked
+    ✗/½ are exactly the leaderboard's † cells (same bootstrap, same seed)."""
+    from xbench import gates
+    from xbench.cli import main
+
+    run = RESULTS / "reference_efficientnet-lite0_sample_quick"
+    if not (run / "run.json").exists():
+        pytest.skip("committed reference run not present")
+    assert main(["analyze", str(run), "--controls"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    header = [c.strip() for c in lines[0].strip("|").split("|")]
+    assert header[0] == "explainer" and header[-1] == "beats all controls"
+    assert not {"random", "centre-gaussian"} & {line.split("|")[1].strip() for line in lines[2:]
+                                                if line.startswith("| ")}
+    failing = set()
+    for line in lines[2:]:
+        if not line.startswith("| "):
+            continue
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        name = cells[0].split(" @")[0]
+        failing |= {(name, column) for column, cell in zip(header[1:-1], cells[1:-1])
+                    if cell in ("✗", "½")}
+    seed = json.loads((run / "run.json").read_text())["config"].get("seed", 0)
+    marked = {(f.explainer, f.column) for f in gates.evaluate(
+        leaderboard.run_frame(RunFolder(run)), seed)}
+    assert failing and failing == marked
+    assert main(["analyze", str(RESULTS / "val50_quick"), "--controls"]) == 0  # no controls
+    assert "no gated column" in capsys.readouterr().out

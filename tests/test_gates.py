@@ -103,3 +103,34 @@ def test_order_of_images_does_not_matter(values):
     frame = _frame({"random": {"insertion": ("higher", [0.6, 0.6, 0.6])},
                     "e": {"insertion": ("higher", values)}})
     assert [f.explainer for f in gates.evaluate(frame)] == ["e"]
+
+
+def test_controls_table_says_which_explainer_beats_which_control():
+    frame = _frame({
+        "random": {"deletion": ("lower", [0.5, 0.5, 0.5]), "insertion": ("higher", [0.2, 0.2, 0.2])},
+        "centre-gaussian": {"deletion": ("lower", [0.1, 0.1, 0.1]),
+                            "insertion": ("higher", [0.2, 0.2, 0.2])},
+        "good": {"deletion": ("lower", [0.3, 0.2, 0.25]), "insertion": ("higher", [0.5, 0.6, 0.7])},
+        "flat": {"deletion": ("lower", [0.0, 0.05, 0.02]), "insertion": ("higher", [0.2, 0.2, 0.2])},
+    })
+    outcomes = gates.control_outcomes(frame)
+    cell = outcomes.set_index(["explainer", "column"])[["random", "centre-gaussian"]]
+    assert cell.loc[("good", "deletion")].tolist() == [True, False]
+    assert cell.loc[("good", "insertion")].tolist() == [True, True]
+    assert cell.loc[("flat", "deletion")].tolist() == [True, True]
+    assert cell.loc[("flat", "insertion")].tolist() == [False, False]
+    assert set(outcomes.explainer) == {"good", "flat"}  # controls are not rows
+    text = gates.format_controls(outcomes)
+    lines = text.splitlines()
+    assert lines[0] == "| explainer | deletion | insertion | beats all controls |"
+    # sorted by wins (tied at 1 of 2 here), then by name; ½ = some controls, ✗ = none
+    assert lines[2] == "| flat | ✓ | ✗ | 1 of 2 |"
+    assert lines[3] == "| good | ½ | ✓ | 1 of 2 |"
+    # the gate failures are the same cells the table marks
+    assert {(f.explainer, f.column) for f in gates.evaluate(frame)} == {
+        ("flat", "insertion"), ("good", "deletion")}
+
+
+def test_controls_table_without_controls_says_so():
+    frame = _frame({"good": {"insertion": ("higher", [0.5, 0.6])}})
+    assert "no gated column" in gates.format_controls(gates.control_outcomes(frame))

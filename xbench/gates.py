@@ -83,43 +83,101 @@ def _scored(frame: pd.DataFrame) -> pd.DataFrame:
                  & frame.direction.isin(["higher", "lower"])]
 
 
-def evaluate(frame: pd.DataFrame, seed: int = 0, controls: tuple[str, ...] = CONTROLS,
-             threshold: float = RANDOMISATION_THRESHOLD,
-             ungated: frozenset[str] = frozenset()) -> list[GateFailure]:
-    """The gate failures of a run's rows (``xbench.leaderboard.rows_frame``), sorted by
-    explainer, layer and column; ``ungated``: further columns not gated (a cost family's)."""
+def control_outcomes(frame: pd.DataFrame, seed: int = 0, controls: tuple[str, ...] = CONTROLS,
+                     ungated: frozenset[str] = frozenset()) -> pd.DataFrame:
+    """Every gated cell against every control the run holds: one row per (explainer, layer,
+    column) with ``metric``, ``direction`` and, per control, True (beats it), False (does not)
+    or None (fewer than 2 images in common: no claim). Controls, cost columns, ``ungated``
+    columns and randomisation columns are left out."""
     scored = _scored(frame)
     present = [c for c in controls if c in set(scored.explainer)]
     per_image = {}
     for control in present:  # a control's map ignores the layer: one value per image
         rows = scored[scored.explainer == control]
         per_image[control] = rows.groupby(["column", "image"]).value.mean()
-    out = []
+    records = []
     for (explainer, layer, column), cell in scored.groupby(["explainer", "layer", "column"],
                                                            sort=True):
         metric, direction = cell.metric.iloc[0], cell.direction.iloc[0]
-        if is_randomisation_metric(metric):
-            if len(cell) >= 2 and fails_randomisation(cell.value.to_numpy(), direction, seed,
-                                                      threshold):
-                out.append(GateFailure(explainer, layer, column, randomisation=True))
-            continue
-        if explainer in controls or metric in UNGATED_METRICS or column in ungated:
+        if (is_randomisation_metric(metric) or explainer in controls
+                or metric in UNGATED_METRICS or column in ungated):
             continue
         values = cell.groupby("image").value.mean()
-        lost = []
+        outcome: dict[str, bool | None] = {}
         for control in present:
+            outcome[control] = None
             if column not in per_image[control].index.get_level_values(0):
                 continue
             reference = per_image[control].loc[column]
             common = values.index.intersection(reference.index)
-            if len(common) < 2:
-                continue
-            if not beats(values.loc[common].to_numpy(), reference.loc[common].to_numpy(),
-                         direction, seed):
-                lost.append(control)
+            if len(common) >= 2:
+                outcome[control] = beats(values.loc[common].to_numpy(),
+                                         reference.loc[common].to_numpy(), direction, seed)
+        records.append({"explainer": explainer, "layer": layer, "column": column,
+                        "metric": metric, "direction": direction, **outcome})
+    return pd.DataFrame(records, columns=["explainer", "layer", "column", "metric", "direction",
+                                          *present])
+
+
+def evaluate(frame: pd.DataFrame, seed: int = 0, controls: tuple[str, ...] = CONTROLS,
+             threshold: float = RANDOMISATION_THRESHOLD,
+             ungated: frozenset[str] = frozenset()) -> list[GateFailure]:
+    """The gate failures of a run's rows (``xbench.leaderboard.rows_frame``), sorted by
+    explainer, layer and column; ``ungated``: further columns not gated (a cost family's)."""
+    out = []
+    for (explainer, layer, column), cell in _scored(frame).groupby(
+            ["explainer", "layer", "column"], sort=True):
+        metric, direction = cell.metric.iloc[0], cell.direction.iloc[0]
+        if is_randomisation_metric(metric) and len(cell) >= 2 and fails_randomisation(
+                cell.value.to_numpy(), direction, seed, threshold):
+            out.append(GateFailure(explainer, layer, column, randomisation=True))
+    outcomes = control_outcomes(frame, seed, controls, ungated)
+    present = [c for c in controls if c in outcomes.columns]
+    for row in outcomes.to_dict("records"):
+        lost = tuple(c for c in present if _claim(row[c]) is False)
         if lost:
-            out.append(GateFailure(explainer, layer, column, controls=tuple(lost)))
-    return out
+            out.append(GateFailure(row["explainer"], row["layer"], row["column"], controls=lost))
+    return sorted(out, key=lambda f: (f.explainer, f.layer, f.column))
+
+
+def _claim(value) -> bool | None:
+    """An outcome cell as True, False or None (no claim; pandas may hold it as NaN)."""
+    return None if value is None or (isinstance(value, float) and np.isnan(value)) \
+        else bool(value)
+
+
+def format_controls(outcomes: pd.DataFrame, order: list[str] | None = None) -> str:
+    """A markdown table of :func:`control_outcomes`: one row per explainer (and layer), one
+    column per metric column; ✓ beats every control, ½ some of them, ✗ none, blank no claim;
+    the last column counts the columns where it beats every control. Explainers sorted by that
+    count (most first), then by name; ``order``: the columns' order (default: as found)."""
+    controls = list(outcomes.columns[5:])
+    if outcomes.empty or not controls:
+        return (f"no gated column: the run holds no control ({', '.join(CONTROLS)}: add them "
+                "to --explainers) or no scored explainer\n")
+    found = set(outcomes.column)
+    columns = [c for c in order if c in found] if order else list(dict.fromkeys(outcomes.column))
+    lines = []
+    for (explainer, layer), rows in outcomes.groupby(["explainer", "layer"], sort=True):
+        cells, wins = {}, 0
+        for row in rows.to_dict("records"):
+            claims = [_claim(row[c]) for c in controls if _claim(row[c]) is not None]
+            if not claims:
+                cells[row["column"]] = ""
+                continue
+            won = sum(bool(c) for c in claims)
+            full = won == len(claims) == len(controls)
+            wins += full
+            cells[row["column"]] = "✓" if full else ("✗" if won == 0 else "½")
+        name = f"{explainer} @{layer}" if layer and layer != "-" else explainer
+        lines.append((-wins, name, [cells.get(c, "") for c in columns], wins))
+    header = "| explainer | " + " | ".join(columns) + " | beats all controls |"
+    rule = "|---|" + "---|" * (len(columns) + 1)
+    body = [f"| {name} | " + " | ".join(cells) + f" | {wins} of {len(columns)} |"
+            for _, name, cells, wins in sorted(lines)]
+    legend = (f"\n✓ beats {' and '.join(controls)} (paired bootstrap, 95%); ½ beats some of "
+              "them; ✗ none; blank: fewer than 2 images in common.\n")
+    return "\n".join([header, rule, *body]) + "\n" + legend
 
 
 def mark_matrix(frame: pd.DataFrame, table: pd.DataFrame, seed: int = 0) -> pd.DataFrame:

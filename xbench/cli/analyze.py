@@ -24,7 +24,8 @@ def add_parser(subparsers) -> None:
                     "flips between protocol variants of one metric (docs/protocol.md, \"Rank "
                     "stability\").",
         epilog=examples("xbench analyze results/val50_quick",
-                        "xbench analyze RUN --include-cost --output tau.png"))
+                        "xbench analyze RUN --include-cost --output tau.png",
+                        "xbench analyze RUN --controls"))
     p.add_argument("run", help="run folder (the one holding run.json)")
     bootstrap = group(p, "bootstrap")
     bootstrap.add_argument("--seed", type=non_negative_int,
@@ -33,6 +34,10 @@ def add_parser(subparsers) -> None:
                            help="bootstrap resamples")
     bootstrap.add_argument("--include-cost", action="store_true",
                            help="rank the cost columns (passes, time) too")
+    p.add_argument("--controls", action="store_true",
+                   help="instead of the ranks: a markdown table of which explainer beats the "
+                        "random and centre-gaussian controls on which column (the leaderboard's "
+                        "sanity gate, docs/protocol.md \"Sanity gates\")")
     add_plugin_options(p, takes_options=False)
     add_output_option(p, "PNG heatmap of the tau matrix to write (default: none)",
                       metavar="FILE")
@@ -50,6 +55,18 @@ def run(args: argparse.Namespace) -> int:
     folder = open_run(args.run)
     header = folder.header()
     seed = header.config.get("seed", 0) if args.seed is None else args.seed
+    if args.controls:
+        from xbench.gates import UNGATED_FAMILIES, control_outcomes, format_controls
+        from xbench.view import family_rank, metric_families
+
+        frame = run_frame(folder)
+        kinds = dict(zip(frame.metric, frame.kind)) if "kind" in frame else None
+        family = frame.metric.map(metric_families(frame.metric.unique(), header, kinds))
+        ungated = frozenset(frame.column[family.isin(UNGATED_FAMILIES)])
+        first = dict(zip(frame.column[::-1], family[::-1]))  # column -> family
+        order = sorted(dict.fromkeys(frame.column), key=lambda c: family_rank(first[c]))
+        print(format_controls(control_outcomes(frame, seed, ungated=ungated), order), end="")
+        return 0
     result = analyze(run_frame(folder), seed=seed, resamples=args.resamples,
                      include_cost=args.include_cost)
     if not result.columns:
