@@ -261,3 +261,24 @@ def draw_tau_heatmap(tau: pd.DataFrame, output: Path, title: str) -> Path:
     fig.savefig(output, dpi=120)
     plt.close(fig)
     return output
+
+
+def controls_text(folder, seed: int | None = None) -> str:
+    """``xbench analyze RUN --controls``: :func:`xbench.gates.format_controls` of a run folder
+    (:class:`xbench.records.RunFolder`), its columns in the leaderboard's family order, cost and
+    diagnostic columns ungated; ``seed`` defaults to the run's."""
+    from xbench.gates import UNGATED_FAMILIES, control_outcomes, format_controls
+    from xbench.leaderboard import run_frame
+    from xbench.view import family_rank, metric_families
+
+    header = folder.header()
+    if seed is None:
+        seed = header.config.get("seed", 0)
+    frame = run_frame(folder)
+    kinds = dict(zip(frame.metric, frame.kind)) if "kind" in frame else None
+    family = frame.metric.map(metric_families(frame.metric.unique(), header, kinds))
+    ungated = frozenset(frame.column[family.isin(UNGATED_FAMILIES)])
+    first = dict(zip(frame.column[::-1], family[::-1]))  # column -> its family
+    order = sorted(dict.fromkeys(frame.column), key=lambda c: family_rank(first[c]))
+    return format_controls(control_outcomes(frame, seed, ungated=ungated), order)
+

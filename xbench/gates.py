@@ -90,7 +90,11 @@ def control_outcomes(frame: pd.DataFrame, seed: int = 0, controls: tuple[str, ..
     or None (fewer than 2 images in common: no claim). Controls, cost columns, ``ungated``
     columns and randomisation columns are left out."""
     scored = _scored(frame)
-    present = [c for c in controls if c in set(scored.explainer)]
+    explainers = set(scored.explainer.unique())  # not set(column): millions of rows
+    present = [c for c in controls if c in explainers]
+    columns = ["explainer", "layer", "column", "metric", "direction", *present]
+    if not present:  # nothing to compare with: no per-image means of millions of rows
+        return pd.DataFrame(columns=columns)
     per_image = {}
     for control in present:  # a control's map ignores the layer: one value per image
         rows = scored[scored.explainer == control]
@@ -115,8 +119,7 @@ def control_outcomes(frame: pd.DataFrame, seed: int = 0, controls: tuple[str, ..
                                          reference.loc[common].to_numpy(), direction, seed)
         records.append({"explainer": explainer, "layer": layer, "column": column,
                         "metric": metric, "direction": direction, **outcome})
-    return pd.DataFrame(records, columns=["explainer", "layer", "column", "metric", "direction",
-                                          *present])
+    return pd.DataFrame(records, columns=columns)
 
 
 def evaluate(frame: pd.DataFrame, seed: int = 0, controls: tuple[str, ...] = CONTROLS,
@@ -125,11 +128,12 @@ def evaluate(frame: pd.DataFrame, seed: int = 0, controls: tuple[str, ...] = CON
     """The gate failures of a run's rows (``xbench.leaderboard.rows_frame``), sorted by
     explainer, layer and column; ``ungated``: further columns not gated (a cost family's)."""
     out = []
-    for (explainer, layer, column), cell in _scored(frame).groupby(
+    scored = _scored(frame)
+    randomisation = [m for m in scored.metric.unique() if is_randomisation_metric(m)]
+    for (explainer, layer, column), cell in scored[scored.metric.isin(randomisation)].groupby(
             ["explainer", "layer", "column"], sort=True):
-        metric, direction = cell.metric.iloc[0], cell.direction.iloc[0]
-        if is_randomisation_metric(metric) and len(cell) >= 2 and fails_randomisation(
-                cell.value.to_numpy(), direction, seed, threshold):
+        if len(cell) >= 2 and fails_randomisation(cell.value.to_numpy(),
+                                                  cell.direction.iloc[0], seed, threshold):
             out.append(GateFailure(explainer, layer, column, randomisation=True))
     outcomes = control_outcomes(frame, seed, controls, ungated)
     present = [c for c in controls if c in outcomes.columns]

@@ -56,16 +56,9 @@ def run(args: argparse.Namespace) -> int:
     header = folder.header()
     seed = header.config.get("seed", 0) if args.seed is None else args.seed
     if args.controls:
-        from xbench.gates import UNGATED_FAMILIES, control_outcomes, format_controls
-        from xbench.view import family_rank, metric_families
+        from xbench.analyze import controls_text
 
-        frame = run_frame(folder)
-        kinds = dict(zip(frame.metric, frame.kind)) if "kind" in frame else None
-        family = frame.metric.map(metric_families(frame.metric.unique(), header, kinds))
-        ungated = frozenset(frame.column[family.isin(UNGATED_FAMILIES)])
-        first = dict(zip(frame.column[::-1], family[::-1]))  # column -> family
-        order = sorted(dict.fromkeys(frame.column), key=lambda c: family_rank(first[c]))
-        print(format_controls(control_outcomes(frame, seed, ungated=ungated), order), end="")
+        print(controls_text(folder, seed), end="")
         return 0
     result = analyze(run_frame(folder), seed=seed, resamples=args.resamples,
                      include_cost=args.include_cost)
