@@ -99,12 +99,19 @@ def test_cache_is_kept_reused_and_invalidated(tmp_path):
     view._memo.clear()
     first = view.load(folder)
     expected, count = first.frame(), len(first)
-    assert (folder.path / view.VIEW_FOLDER / view.KEY_FILE).exists()
+    where = folder.path / view.VIEW_FOLDER
+    assert (where / view.KEY_FILE).exists()
+    assert not (where / view.CURVES_FILE).exists()  # built when first asked for, not before
     view._memo.clear()
     cached = view.load(folder)
     assert cached._scalars is None and cached._scalars_path is not None  # read from Parquet
     assert cached.frame().equals(expected)
-    assert list(cached.result_rows()) == list(folder.rows())
+    assert list(cached.result_rows()) == list(folder.rows())  # curves built and kept
+    assert json.loads((where / view.CURVES_KEY_FILE).read_text()) == view.cache_key(folder)
+    built = (where / view.CURVES_FILE).stat().st_mtime_ns
+    view._memo.clear()
+    assert list(view.load(folder).result_rows()) == list(folder.rows())
+    assert (where / view.CURVES_FILE).stat().st_mtime_ns == built  # reused
 
     # a torn tail past the last progress line: not part of the records, not in the view
     with folder.rows_path.open("ab") as handle:
@@ -120,6 +127,7 @@ def test_cache_is_kept_reused_and_invalidated(tmp_path):
     folder.rows_path.write_bytes(data[:at] + new_digit + data[at + 1:])
     view._memo.clear()
     assert view.load(folder).frame().value.iloc[0] == list(folder.rows())[0].value
+    assert not (where / view.CURVES_KEY_FILE).exists()  # the old curves no longer count
 
     # a new finished unit: the view holds its rows
     row = list(folder.rows())[0]
@@ -141,6 +149,26 @@ def test_stale_or_broken_cache_is_rebuilt(tmp_path):
     (folder.path / view.VIEW_FOLDER / view.KEY_FILE).write_text(json.dumps(key))
     view._memo.clear()
     assert view.load(folder).frame().equals(expected)
+
+
+def test_curves_of_records_changed_since_the_view_are_read_afresh(tmp_path):
+    folder = bench_scale.write_synthetic_run(tmp_path, images=4, explainers=1)
+    view._memo.clear()
+    stale = view.load(folder)
+    row = list(folder.rows())[0]
+    folder.append_unit("extra", [row])
+    assert list(stale.result_rows())[0].curve == row.curve  # read, not cached as current
+    assert not (folder.path / view.VIEW_FOLDER / view.CURVES_KEY_FILE).exists()
+
+
+def test_a_writer_error_reaches_the_reader():
+    def fail(batch, offset):
+        raise OSError("disk full")
+
+    writer = view._Overlapped(fail)
+    writer(None, 0)
+    with pytest.raises(OSError, match="disk full"):
+        writer.close()
 
 
 def test_a_bad_row_is_named_by_file_and_line(tmp_path):

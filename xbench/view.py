@@ -10,7 +10,8 @@ columns of a compressed file instead of parsing the JSON again:
   encoded (a run repeats a handful of explainers, metrics and provenance strings millions of
   times);
 - ``curves.parquet``: ``row`` (the row's position in ``scalars``) and ``curve``, only for rows
-  that carry one (insertion/deletion): stored apart, read only by what draws curves;
+  that carry one (insertion/deletion): stored apart and built only when something first asks
+  for curves (reports, curve plots; the leaderboard never does), with ``curves-key.json``;
 - ``key.json``: what the cache was built from, written last.
 
 The cache is valid while ``key.json`` matches the records: the finished byte count of
@@ -53,6 +54,9 @@ VIEW_FORMAT = 1
 SCALARS_FILE = "scalars.parquet"
 CURVES_FILE = "curves.parquet"
 KEY_FILE = "key.json"
+CURVES_KEY_FILE = "curves-key.json"
+#: lz4, not zstd: the curves are most of the bytes, and zstd's better ratio cost seconds per GB
+CURVES_COMPRESSION = "lz4"
 HEAD_BYTES = 64 << 10
 TAIL_BYTES = 1 << 20
 #: the families tables group metric columns by, in this order (docs/protocol.md); others
@@ -101,6 +105,7 @@ class RunView:
     _curves: pa.Table | None = field(default=None, repr=False)
     _scalars_path: Path | None = field(default=None, repr=False)
     _curves_path: Path | None = field(default=None, repr=False)
+    _key: dict[str, Any] | None = field(default=None, repr=False)
     _header: RunHeader | None = field(default=None, repr=False)
 
     @property
@@ -142,11 +147,22 @@ class RunView:
         return frame
 
     def curves(self) -> pa.Table:
-        """``row`` (position in :attr:`scalars`) and ``curve`` of the rows that carry one."""
+        """``row`` (position in :attr:`scalars`) and ``curve`` of the rows that carry one.
+
+        A cached view builds its curves table on the first call (the leaderboard never asks:
+        parsing and writing the curves was most of a cold read) and keeps it beside the
+        scalars while the records stay the same."""
         if self._curves is None:
             if self._curves_path is not None:
-                return pq.read_table(self._curves_path)
-            self._curves = _empty_curves()
+                cached = _read_cached_curves(self._curves_path, self._key)
+                if cached is not None:
+                    return cached
+                built = _build_curves(self.folder, self._key, self._curves_path)
+                if built is not None:
+                    return built
+                self._curves = read_curves(self.folder)
+            else:
+                self._curves = _empty_curves()
         return self._curves
 
     def result_rows(self, metrics: Iterable[str] | None = None,
@@ -239,22 +255,54 @@ def read_records(folder: RunFolder) -> tuple[pa.Table, pa.Table]:
 def _read_fast(path: Path, limit: int, scalar_sink, curve_sink) -> None:
     """Stream the first ``limit`` bytes of ``path`` through pyarrow's JSON reader, handing
     each block's scalar and curve batches to the sinks (nothing is kept here)."""
+    _parse_blocks(path, limit, lambda batch, offset: _split(batch, offset, scalar_sink,
+                                                           curve_sink))
+
+
+def _parse_blocks(path: Path, limit: int, consume, fields: Sequence[str] | None = None) -> None:
+    """Call ``consume(batch, offset)`` for each parsed block of the first ``limit`` bytes
+    (``offset``: the position of the block's first row). ``fields``: parse only these
+    (the others are skipped, not converted); every field, strictly, when None."""
+    schema = _schema()
+    if fields is not None:
+        schema = pa.schema([schema.field(name) for name in fields])
     with path.open("rb") as handle:
         reader = pj.open_json(
             pa.PythonFile(_Prefix(handle, limit), mode="r"),
             read_options=pj.ReadOptions(block_size=8 << 20),
-            parse_options=pj.ParseOptions(explicit_schema=_schema(),
-                                          unexpected_field_behavior="error"))
+            parse_options=pj.ParseOptions(
+                explicit_schema=schema,
+                unexpected_field_behavior="error" if fields is None else "ignore"))
         offset = 0
         for batch in reader:
-            for name in _REQUIRED_NON_NULL:
+            for name in _REQUIRED_NON_NULL if fields is None else ():
                 if batch.column(name).null_count:
                     raise _NotFast(name)
-            scalar_sink(_scalar_batch(batch))
-            if "curve" in _FIELD_NAMES:
-                curve_sink(_curve_batch(batch.column("curve"), offset))
+            consume(batch, offset)
             offset += batch.num_rows
         reader.close()
+
+
+def _split(batch: pa.RecordBatch, offset: int, scalar_sink, curve_sink) -> None:
+    if scalar_sink is not None:
+        scalar_sink(_scalar_batch(batch))
+    if curve_sink is not None and "curve" in batch.schema.names:
+        curve_sink(_curve_batch(batch.column("curve"), offset))
+
+
+def read_curves(folder: RunFolder) -> pa.Table:
+    """The curves table of the finished rows of ``folder``, read from ``rows.jsonl``."""
+    limit = max(folder.finished_units().values(), default=0)
+    if limit == 0 or "curve" not in _FIELD_NAMES:
+        return _empty_curves()
+    batches: list[pa.RecordBatch] = []
+    try:
+        _parse_blocks(folder.rows_path, limit,
+                      lambda batch, offset: _split(batch, offset, None, batches.append),
+                      fields=["curve"])
+        return _concat(batches, _empty_curves())
+    except (pa.ArrowException, ValueError):
+        return read_records(folder)[1]
 
 
 class _Prefix(io.RawIOBase):
@@ -362,10 +410,43 @@ def _read_cached(folder: RunFolder, key: dict[str, Any]) -> RunView | None:
         if stored != key:
             return None
         pq.read_metadata(where / SCALARS_FILE)
-        pq.read_metadata(where / CURVES_FILE)
     except (OSError, ValueError, pa.ArrowException):
         return None
-    return RunView(folder, _scalars_path=where / SCALARS_FILE, _curves_path=where / CURVES_FILE)
+    return RunView(folder, _scalars_path=where / SCALARS_FILE, _curves_path=where / CURVES_FILE,
+                   _key=key)
+
+
+def _read_cached_curves(path: Path, key: dict[str, Any] | None) -> pa.Table | None:
+    try:
+        stored = json.loads((path.parent / CURVES_KEY_FILE).read_text(encoding="utf-8"))
+        if key is None or stored != key:
+            return None
+        return pq.read_table(path)
+    except (OSError, ValueError, pa.ArrowException):
+        return None
+
+
+def _build_curves(folder: RunFolder, key: dict[str, Any] | None, path: Path) -> pa.Table | None:
+    """Write the curves of ``folder`` to ``path`` (beside the cached scalars) and return
+    them, or None when they cannot be kept there."""
+    if key is None or cache_key(folder) != key:
+        return None  # the records moved on since the view was made
+    sink = _Sink(path.with_name(path.name + ".tmp"), compression=CURVES_COMPRESSION)
+    try:
+        (path.parent / CURVES_KEY_FILE).unlink(missing_ok=True)
+        _parse_blocks(folder.rows_path, key["limit"],
+                      lambda batch, offset: _split(batch, offset, None, sink), fields=["curve"])
+        sink.close(_empty_curves())
+        os.replace(sink.path, path)
+        tmp = path.parent / (CURVES_KEY_FILE + ".tmp")
+        tmp.write_text(json.dumps(key, sort_keys=True), encoding="utf-8")
+        os.replace(tmp, path.parent / CURVES_KEY_FILE)
+        return pq.read_table(path)
+    except (OSError, ValueError, pa.ArrowException):
+        if sink.writer is not None:
+            sink.writer.close()
+        sink.path.unlink(missing_ok=True)
+        return None
 
 
 def _string_columns(path: Path) -> list[str]:
@@ -376,54 +457,90 @@ def _string_columns(path: Path) -> list[str]:
 class _Sink:
     """Batches written to one Parquet file as they come (the writer opens on the first)."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, compression: str = "zstd") -> None:
         self.path = path
+        self.compression = compression
         self.writer: pq.ParquetWriter | None = None
 
     def __call__(self, batch: pa.RecordBatch) -> None:
         if self.writer is None:
-            self.writer = pq.ParquetWriter(self.path, batch.schema, compression="zstd")
+            self.writer = pq.ParquetWriter(self.path, batch.schema, compression=self.compression)
         self.writer.write_batch(batch)
 
     def close(self, empty: pa.Table) -> None:
         if self.writer is None:
-            pq.write_table(empty, self.path, compression="zstd")
+            pq.write_table(empty, self.path, compression=self.compression)
         else:
             self.writer.close()
 
 
+class _Overlapped:
+    """Runs ``work(batch, offset)`` for each parsed block on one writer thread while the
+    reader parses the next block: Arrow releases the GIL in both, so on two cores the cold
+    read costs about the larger of parsing and writing instead of their sum (measured on a
+    synthetic full-val run: docs/scale.md). At most one block waits, so memory stays bounded
+    by two blocks."""
+
+    def __init__(self, work) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.work = work
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="xbench-view")
+        self.pending = None
+
+    def __call__(self, batch: pa.RecordBatch, offset: int) -> None:
+        self.wait()
+        self.pending = self.pool.submit(self.work, batch, offset)
+
+    def wait(self) -> None:
+        if self.pending is not None:
+            pending, self.pending = self.pending, None
+            pending.result()  # re-raises the writer's error here
+
+    def close(self) -> None:
+        try:
+            self.wait()
+        finally:
+            self.pool.shutdown(wait=True)
+
+
 def _build_cache(folder: RunFolder, key: dict[str, Any]) -> RunView | None:
-    """Read the records straight into ``RUN/.view/`` (memory bounded by one block), or
-    None when the folder cannot be written or the fast reader cannot read them."""
+    """Read the scalar rows straight into ``RUN/.view/`` (memory bounded by two blocks; the
+    curves are skipped, built when first asked for), or None when the folder cannot be
+    written or the fast reader cannot read them."""
     where = folder.path / VIEW_FOLDER
     try:
         where.mkdir(exist_ok=True)
         (where / KEY_FILE).unlink(missing_ok=True)  # invalid while the tables are replaced
+        (where / CURVES_KEY_FILE).unlink(missing_ok=True)
         scalars = _Sink(where / (SCALARS_FILE + ".tmp"))
-        curves = _Sink(where / (CURVES_FILE + ".tmp"))
     except OSError:
         return None  # a read-only results folder: the view works, it is just not kept
     try:
         if _schema() is None:
             raise _NotFast("schema")
-        _read_fast(folder.rows_path, key["limit"], scalars, curves)
+        writer = _Overlapped(lambda batch, offset: scalars(_scalar_batch(batch)))
+        try:
+            # strict parse of every field (an unknown field or a bad line sends the run to the
+            # line-by-line reader, which names it); the curves are parsed, not kept
+            _parse_blocks(folder.rows_path, key["limit"], writer)
+        finally:
+            writer.close()
         scalars.close(_empty_scalars())
-        curves.close(_empty_curves())
     except (_NotFast, pa.ArrowException, ValueError, OSError):
-        for sink in (scalars, curves):
-            if sink.writer is not None:
-                sink.writer.close()
-            sink.path.unlink(missing_ok=True)
+        if scalars.writer is not None:
+            scalars.writer.close()
+        scalars.path.unlink(missing_ok=True)
         return None
     try:
         os.replace(scalars.path, where / SCALARS_FILE)
-        os.replace(curves.path, where / CURVES_FILE)
         tmp = where / (KEY_FILE + ".tmp")
         tmp.write_text(json.dumps(key, sort_keys=True), encoding="utf-8")
         os.replace(tmp, where / KEY_FILE)
     except OSError:
         return None
-    return RunView(folder, _scalars_path=where / SCALARS_FILE, _curves_path=where / CURVES_FILE)
+    return RunView(folder, _scalars_path=where / SCALARS_FILE, _curves_path=where / CURVES_FILE,
+                   _key=key)
 
 
 # -- frames of rows and metric families -----------------------------------------------------
