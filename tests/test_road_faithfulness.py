@@ -110,6 +110,119 @@ def test_imputation_matches_quantus_spsolve():
             np.testing.assert_allclose(ours[i].double().numpy(), theirs, atol=1e-6)
 
 
+# -- ROAD end to end against quantus.ROAD ----------------------------------------------------
+#
+# quantus.ROAD broadcasts the map to the image's entries, ranks those entries and passes their
+# flat indices to noisy_linear_imputation, which reads them as pixel indices: on RGB the ranks
+# run to 3 H W and it fails. It is right when C = 1, so it runs on gray images here. xbench's
+# handle normalises with a (1, 3, 1, 1) mean and std, so the very same handle maps a gray image
+# to three equal channels (asserted: same logits for the gray image and its 3-channel copy):
+# xbench gets the copy. Its imputation solves every channel with one matrix, and equal
+# channels give equal right-hand sides, so each filled channel is the solution Quantus computes
+# for the gray image -- asserted on the images the model was fed, not argued only.
+
+PERCENTAGES = (10.0, 20.0, 30.0, 40.0, 50.0, 60.0, 70.0, 80.0, 90.0)
+
+
+def recording(model):
+    """A forward hook on ``model`` keeping (input, logits) of every call: the images each side
+    fed the model and what it answered (quantus.ROAD returns only top-1 hits)."""
+    calls = []
+    hook = model.register_forward_hook(
+        lambda module, inputs, output: calls.append((inputs[0].detach().clone(),
+                                                     output.detach().clone())))
+    return calls, hook
+
+
+def quantus_road(model, gray, saliency, targets, batch_size=64, **kwargs):
+    """quantus.ROAD itself on (N, 1, H, W) gray images (its defaults but ``kwargs``):
+    (its result, its forwards)."""
+    calls, hook = recording(model)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            result = quantus.ROAD(disable_warnings=True, **kwargs)(
+                model=model.eval(), x_batch=gray.numpy(), y_batch=targets.numpy(),
+                a_batch=saliency[:, None].numpy(), device="cpu", batch_size=batch_size)
+    finally:
+        hook.remove()
+    return result, calls
+
+
+def xbench_road(metric, model, rgb, saliency, targets):
+    """road-morf / road-lerf on (N, 3, H, W) images: (per-image curves, its forwards)."""
+    batch = batch_of(model, rgb, saliency, targets)
+    calls, hook = recording(model)
+    try:
+        metric.score(batch)
+    finally:
+        hook.remove()
+    return batch.curves[(metric.name, "")], calls
+
+
+def gray_case(n=3, seed=20):
+    """The toy CNN with its last layer x30 (its random logits are nearly flat: the curves
+    would move by 1e-3 only), n rough gray images (uniform noise: the imputation changes them
+    a lot) and their 3-channel copies, maps without ties, each a random permutation of
+    1/1024, ..., 1024/1024 (exact in float32, maximum 1: Quantus's default normalise_by_max
+    divides by 1) and as target image i's (i+1)-th likeliest class."""
+    model = toy_model()
+    with torch.no_grad():
+        model.net.fc.weight.mul_(30.0)
+        model.net.fc.bias.mul_(30.0)
+    generator = torch.Generator().manual_seed(seed)
+    gray = torch.rand(n, 1, 32, 32, generator=generator)
+    rgb = gray.expand(-1, 3, -1, -1).contiguous()
+    saliency = torch.stack([torch.randperm(32 * 32, generator=generator) + 1.0
+                            for _ in range(n)]).view(n, 32, 32) / (32 * 32)
+    ranked = model.probabilities(rgb).argsort(dim=1, descending=True)
+    targets = ranked[torch.arange(n), torch.arange(n)]  # image i: its (i+1)-th likeliest class
+    return model, gray, rgb, saliency, targets
+
+
+def test_road_agrees_with_quantus_end_to_end_on_gray_images():
+    """Same model, images, maps, percentages, targets and noise 0: xbench's curves are the
+    softmax probabilities of the target on the very images quantus.ROAD built, and Quantus's
+    result is the top-1 accuracy read from the same forwards. The deliberate differences shown
+    here: Quantus returns, per percentage, the batch's accuracy (top-1 == label, 0 or 1 per
+    image) where xbench keeps each image's target probability (a graded curve, no argmax
+    threshold); Quantus has only MoRF (and refuses negative maps), and its ROAD on the map
+    reversed (1 + 1/1024 - map: the same order backwards, maximum 1) is xbench's LeRF (no
+    ties here, so the order of ties plays no part)."""
+    model, gray, rgb, saliency, targets = gray_case()
+    assert saliency.flatten(1).unique(dim=1).shape[1] == 32 * 32  # no ties
+    torch.testing.assert_close(model(gray), model(rgb), rtol=0, atol=0)
+    reversed_ = 1 + 1 / (32 * 32) - saliency
+    for metric, map_ in ((RoadMoRF(noise=0.0), saliency), (RoadLeRF(noise=0.0), reversed_)):
+        theirs, their_calls = quantus_road(model, gray, map_, targets,
+                                           percentages=list(PERCENTAGES), noise=0.0)
+        ours, our_calls = xbench_road(metric, model, rgb, saliency, targets)
+        assert list(theirs) == list(PERCENTAGES)
+        assert len(their_calls) == len(our_calls) == len(PERCENTAGES)
+        hits = []
+        for j, ((their_x, their_logits), (our_x, our_logits)) in enumerate(
+                zip(their_calls, our_calls)):
+            assert their_x.shape == gray.shape and our_x.shape == rgb.shape
+            assert torch.equal(our_x[:, 1:], our_x[:, :1].expand(-1, 2, -1, -1))
+            torch.testing.assert_close(our_x[:, :1], their_x, rtol=0, atol=1e-6)
+            removed = int(32 * 32 * PERCENTAGES[j] / 100)
+            assert ((their_x != gray).flatten(1).sum(dim=1) == removed).all()
+            their_probs = their_logits.softmax(dim=1).gather(1, targets[:, None])[:, 0]
+            torch.testing.assert_close(ours[:, j], their_probs, rtol=0, atol=1e-6)
+            hits.append(their_logits.argmax(dim=1) == targets)
+            assert torch.equal(our_logits.argmax(dim=1) == targets, hits[-1])
+        hits = torch.stack(hits, dim=1)
+        np.testing.assert_array_equal(list(theirs.values()), hits.double().mean(dim=0).numpy())
+        # the two quantities differ: a graded probability against a 0/1 hit per image
+        assert ((ours > 0) & (ours < 1)).all() and not torch.allclose(ours, hits.float(),
+                                                                     atol=0.01)
+        # the curves move by far more than the tolerance: the agreement is no accident
+        assert (ours.amax(dim=1) - ours.amin(dim=1)).min() > 1e-3
+    assert not torch.allclose(
+        xbench_road(RoadMoRF(noise=0.0), model, rgb, saliency, targets)[0],
+        xbench_road(RoadLeRF(noise=0.0), model, rgb, saliency, targets)[0], atol=1e-3)
+
+
 # -- faithfulness correlation --------------------------------------------------------------
 
 def test_pearson_known_values_and_constant_rule():
