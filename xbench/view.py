@@ -160,7 +160,8 @@ class RunView:
                 built = _build_curves(self.folder, self._key, self._curves_path)
                 if built is not None:
                     return built
-                self._curves = read_curves(self.folder)
+                self._curves = read_curves(self.folder,
+                                           None if self._key is None else self._key["limit"])
             else:
                 self._curves = _empty_curves()
         return self._curves
@@ -290,9 +291,11 @@ def _split(batch: pa.RecordBatch, offset: int, scalar_sink, curve_sink) -> None:
         curve_sink(_curve_batch(batch.column("curve"), offset))
 
 
-def read_curves(folder: RunFolder) -> pa.Table:
-    """The curves table of the finished rows of ``folder``, read from ``rows.jsonl``."""
-    limit = max(folder.finished_units().values(), default=0)
+def read_curves(folder: RunFolder, limit: int | None = None) -> pa.Table:
+    """The curves table of the finished rows of ``folder`` (of its first ``limit`` bytes),
+    read from ``rows.jsonl``."""
+    if limit is None:
+        limit = max(folder.finished_units().values(), default=0)
     if limit == 0 or "curve" not in _FIELD_NAMES:
         return _empty_curves()
     batches: list[pa.RecordBatch] = []
