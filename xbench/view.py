@@ -61,7 +61,7 @@ HEAD_BYTES = 64 << 10
 TAIL_BYTES = 1 << 20
 #: the families tables group metric columns by, in this order (docs/protocol.md); others
 #: follow alphabetically, then explainers' diagnostics, then metrics of unknown family
-FAMILY_ORDER = ("faithfulness", "localisation", "robustness", "randomisation", "complexity",
+FAMILY_ORDER = ("faithfulness", "localisation", "robustness", "sanity", "complexity",
                 "cost", "model")
 DIAGNOSTIC_FAMILY = "diagnostic"
 OTHER_FAMILY = "other"

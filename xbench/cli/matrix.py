@@ -18,14 +18,13 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from xbench import leaderboard
+from xbench import leaderboard, view
 
 BEST_MARK = "*"
 TIED_MARK = "≈"
-#: family order of the lines: what the maps do first, what they cost last
-FAMILY_ORDER = ("faithfulness", "localisation", "complexity", "robustness", "randomisation",
-                "sanity")
 LAST_FAMILIES = ("cost", "model", "diagnostics")
+#: family order of the lines, the leaderboard's: what the maps do first, what they cost last
+FAMILY_ORDER = tuple(family for family in view.FAMILY_ORDER if family not in LAST_FAMILIES)
 LEGEND = (f"{BEST_MARK} best of the line; {TIED_MARK} tied with the best (paired bootstrap); "
           "time is the median, the others the mean over images; 95% intervals in "
           "LEADERBOARD.md")
