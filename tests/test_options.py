@@ -150,6 +150,7 @@ def test_reference_run_variants_are_recomputed_from_their_recorded_options(run):
         assert recorded[name] == {explainer.variant}, name
     from xbench_plugins.average_drop import _variant as retention_variant
     from xbench_plugins.insertion_deletion import _variant as step_variant
+    from xbench_plugins.randomisation import SIMILARITIES
 
     for name in config["metrics"]:
         metric = REGISTRY.metric(name)(**config["plugin_options"][name])
@@ -158,6 +159,10 @@ def test_reference_run_variants_are_recomputed_from_their_recorded_options(run):
             keys = {step_variant(options.step, options.blur_padding)}
         elif hasattr(options, "retentions"):
             keys = {retention_variant(r, options.masking) for r in options.retentions}
+        elif hasattr(options, "stages"):  # model-randomisation: a row per stage and similarity
+            keys = {f"stage={f:g},similarity={s}" for f in options.stages for s in SIMILARITIES}
+        elif name == "random-logit":
+            keys = {f"similarity={s}" for s in SIMILARITIES}
         else:
             keys = {""}
         assert {metric.row_variant(k) for k in keys} == metric_keys[name], name
