@@ -246,18 +246,13 @@ def read_records(folder: RunFolder) -> tuple[pa.Table, pa.Table]:
         scalars: list[pa.RecordBatch] = []
         curves: list[pa.RecordBatch] = []
         try:
-            _read_fast(folder.rows_path, limit, scalars.append, curves.append)
+            _parse_blocks(folder.rows_path, limit,
+                          lambda batch, offset: _split(batch, offset, scalars.append,
+                                                       curves.append))
             return _concat(scalars, _empty_scalars()), _concat(curves, _empty_curves())
         except (_NotFast, pa.ArrowException, ValueError):
             pass
     return _from_rows(list(folder.rows()))
-
-
-def _read_fast(path: Path, limit: int, scalar_sink, curve_sink) -> None:
-    """Stream the first ``limit`` bytes of ``path`` through pyarrow's JSON reader, handing
-    each block's scalar and curve batches to the sinks (nothing is kept here)."""
-    _parse_blocks(path, limit, lambda batch, offset: _split(batch, offset, scalar_sink,
-                                                           curve_sink))
 
 
 def _parse_blocks(path: Path, limit: int, consume, fields: Sequence[str] | None = None) -> None:
@@ -285,6 +280,7 @@ def _parse_blocks(path: Path, limit: int, consume, fields: Sequence[str] | None 
 
 
 def _split(batch: pa.RecordBatch, offset: int, scalar_sink, curve_sink) -> None:
+    """Hand ``batch``'s scalar and curve batches to the sinks (None: not wanted)."""
     if scalar_sink is not None:
         scalar_sink(_scalar_batch(batch))
     if curve_sink is not None and "curve" in batch.schema.names:
