@@ -134,10 +134,9 @@ class EigenCAM(_CAMVariant):
     Options = EigenOptions
 
     def explain(self, model, images, targets):
-        with capture_activations(model.layer(self.layer), keep_grad=False) as store:
+        with capture_activations(model.layer(self.layer), keep_grad=False,
+                                 name=self.layer) as store:
             model(images)
-        if "activation" not in store:
-            raise RuntimeError(f"layer {self.layer!r} was not called during the forward pass")
         activation = store["activation"].detach()
         return torch.relu(eigen_projection(activation, self.options.sign, activation))
 
@@ -185,10 +184,8 @@ class AblationCAM(_CAMVariant):
 
     def explain(self, model, images, targets):
         module = model.layer(self.layer)
-        with capture_activations(module, keep_grad=False) as store:
+        with capture_activations(module, keep_grad=False, name=self.layer) as store:
             logits = model(images)
-        if "activation" not in store:
-            raise RuntimeError(f"layer {self.layer!r} was not called during the forward pass")
         activation = store["activation"].detach()
         score = logits.detach().gather(1, targets[:, None])[:, 0].float()  # y^c
         batch, channels = activation.shape[:2]
@@ -220,10 +217,8 @@ class AblationCAM(_CAMVariant):
 
 def layer_activation(model, layer: str | None, images: torch.Tensor) -> torch.Tensor:
     """One forward, no backward: the target layer's activations (B, K, h, w), detached."""
-    with capture_activations(model.layer(layer), keep_grad=False) as store:
+    with capture_activations(model.layer(layer), keep_grad=False, name=layer) as store:
         model(images)
-    if "activation" not in store:
-        raise RuntimeError(f"layer {layer!r} was not called during the forward pass")
     return store["activation"].detach()
 
 
@@ -318,10 +313,9 @@ class ShapleyCAM(_CAMVariant):
 
     def explain(self, model, images, targets):
         module = model.layer(self.layer)
-        with torch.enable_grad(), capture_activations(module, keep_grad=False) as store:
+        with torch.enable_grad(), capture_activations(module, keep_grad=False,
+                                                      name=self.layer) as store:
             logits = model(images.detach().requires_grad_(True))
-            if "activation" not in store:
-                raise RuntimeError(f"layer {self.layer!r} was not called during the forward pass")
             activation = store["activation"]
             score = logits.gather(1, targets[:, None])
             if self.options.score == "rest":
@@ -356,10 +350,9 @@ class FinerCAM(_CAMVariant):
     def explain(self, model, images, targets):
         module = model.layer(self.layer)
         o = self.options
-        with torch.enable_grad(), capture_activations(module, keep_grad=False) as store:
+        with torch.enable_grad(), capture_activations(module, keep_grad=False,
+                                                      name=self.layer) as store:
             logits = model(images.detach().requires_grad_(True))
-            if "activation" not in store:
-                raise RuntimeError(f"layer {self.layer!r} was not called during the forward pass")
             activation = store["activation"]
             main = logits.gather(1, targets[:, None])
             distance = (logits.detach() - main.detach()).abs()

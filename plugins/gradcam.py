@@ -17,10 +17,8 @@ def target_layer_gradients(model: ClassifierHandle, layer: str | None, images: t
     gives every image its own gradient in one backward pass.
     """
     module = model.layer(layer)
-    with torch.enable_grad(), capture_activations(module, keep_grad=False) as store:
+    with torch.enable_grad(), capture_activations(module, keep_grad=False, name=layer) as store:
         logits = model(images.detach().requires_grad_(True))
-        if "activation" not in store:
-            raise RuntimeError(f"layer {layer!r} was not called during the forward pass")
         activation = store["activation"]
         score = logits.gather(1, targets[:, None]).sum()
         (gradient,) = torch.autograd.grad(score, activation)

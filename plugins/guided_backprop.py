@@ -134,11 +134,9 @@ class GuidedGradCAM(Explainer):
         state = {"guided": False}
         module = model.layer(self.layer)
         with torch.enable_grad(), guided_relus(model.net, state), \
-                capture_activations(module, keep_grad=False) as store:
+                capture_activations(module, keep_grad=False, name=self.layer) as store:
             x = images.detach().requires_grad_(True)
             score = model(x).gather(1, targets[:, None]).sum()
-            if "activation" not in store:
-                raise RuntimeError(f"layer {self.layer!r} was not called during the forward pass")
             activation = store["activation"]
             (layer_grad,) = torch.autograd.grad(score, activation, retain_graph=True)
             state["guided"] = True

@@ -179,10 +179,8 @@ def target_layer_relevance(model: ClassifierHandle, layer: str | None, images: t
     """
     module = model.layer(layer)
     with torch.enable_grad(), lrp_activations(model.net, epsilon, after=module), \
-            capture_activations(module, keep_grad=False) as store:
+            capture_activations(module, keep_grad=False, name=layer) as store:
         logits = model(images.detach().requires_grad_(True))
-        if "activation" not in store:
-            raise RuntimeError(f"layer {layer!r} was not called during the forward pass")
         activation = store["activation"]
         score = logits.gather(1, targets[:, None]).sum()
         (modified_gradient,) = torch.autograd.grad(score, activation)

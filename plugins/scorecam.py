@@ -104,10 +104,8 @@ class ScoreCAM(Explainer):
     def explain(self, model, images, targets):
         module = model.layer(self.layer)
         with torch.inference_mode():
-            with capture_activations(module, keep_grad=False) as store:
+            with capture_activations(module, keep_grad=False, name=self.layer) as store:
                 model(images)
-            if "activation" not in store:
-                raise RuntimeError(f"layer {self.layer!r} was not called during the forward pass")
             activations = store["activation"]
             if activations.dim() != 4:
                 raise ValueError(f"explainer 'scorecam': layer {self.layer!r} gives shape "

@@ -206,3 +206,20 @@ def test_efficientnet_lite_input_is_exactly_uint8_minus_127_over_128(lite0):
     torch.testing.assert_close(lite0.normalize(pixels), (as_uint8 - 127) / 128, atol=1e-6, rtol=0)
 
 
+
+
+def test_a_layer_the_forward_never_calls_is_named_when_its_activation_is_read():
+    from xbench.model import capture_activations
+
+    net = torch.nn.Sequential(torch.nn.Linear(3, 2))
+    unused = torch.nn.Linear(3, 2)
+    with capture_activations(unused, keep_grad=False, name="head.unused") as store:
+        net(torch.ones(1, 3))
+    with pytest.raises(RuntimeError, match="layer 'head.unused' was not called during the "
+                                           "forward pass"):
+        store["activation"]
+    with pytest.raises(KeyError):
+        store["gradient"]
+    with capture_activations(net[0], keep_grad=False, name="0") as store:
+        out = net(torch.ones(1, 3))
+    assert torch.equal(store["activation"], out)

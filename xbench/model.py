@@ -172,13 +172,16 @@ class ClassifierHandle(nn.Module):
 
 
 @contextlib.contextmanager
-def capture_activations(module: nn.Module, keep_grad: bool = True) -> Iterator[dict[str, torch.Tensor]]:
+def capture_activations(module: nn.Module, keep_grad: bool = True,
+                        name: str | None = None) -> Iterator[dict[str, torch.Tensor]]:
     """Record the output of ``module`` (and its gradient when ``keep_grad``) during a block.
 
     Removes its hook on exit, whatever happens. Resolve ``module`` with
     :meth:`ClassifierHandle.layer`, which refuses modules that run more than once per forward.
+    Reading ``store["activation"]`` when the forward never called the module raises a
+    RuntimeError naming the layer (``name``), not a bare KeyError.
     """
-    store: dict[str, torch.Tensor] = {}
+    store = _ActivationStore(name if name is not None else type(module).__name__)
 
     def hook(_module: nn.Module, _inputs: object, output: torch.Tensor) -> None:
         store["activation"] = output
@@ -190,6 +193,17 @@ def capture_activations(module: nn.Module, keep_grad: bool = True) -> Iterator[d
         yield store
     finally:
         handle.remove()
+
+
+class _ActivationStore(dict):
+    def __init__(self, layer: str) -> None:
+        super().__init__()
+        self.layer = layer
+
+    def __missing__(self, key: str) -> torch.Tensor:
+        if key == "activation":
+            raise RuntimeError(f"layer {self.layer!r} was not called during the forward pass")
+        raise KeyError(key)
 
 
 def block_layers(handle: ClassifierHandle) -> list[str]:

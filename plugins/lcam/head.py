@@ -128,8 +128,7 @@ def masked_logits_img(model: ClassifierHandle, images: torch.Tensor,
 
 def layer_features(model: ClassifierHandle, layer: str, images: torch.Tensor) -> torch.Tensor:
     """Output of ``layer`` on ``images`` (one forward pass, no autograd)."""
-    with torch.no_grad(), capture_activations(model.layer(layer), keep_grad=False) as store:
+    with torch.no_grad(), capture_activations(model.layer(layer), keep_grad=False,
+                                              name=layer) as store:
         model(images)
-    if "activation" not in store:
-        raise RuntimeError(f"layer {layer!r} was not called during the forward pass")
     return store["activation"].detach()
