@@ -475,10 +475,10 @@ class _Sink:
 
 class _Overlapped:
     """Runs ``work(batch, offset)`` for each parsed block on one writer thread while the
-    reader parses the next block: Arrow releases the GIL in both, so on two cores the cold
-    read costs about the larger of parsing and writing instead of their sum (measured on a
-    synthetic full-val run: docs/scale.md). At most one block waits, so memory stays bounded
-    by two blocks."""
+    reader parses the next block: Arrow releases the GIL in both, so on two cores parsing
+    and writing can overlap instead of adding up (docs/scale.md has the cold read's time with
+    this and the curves left out; the two were not measured apart). At most one block waits,
+    so memory stays bounded by two blocks."""
 
     def __init__(self, work) -> None:
         from concurrent.futures import ThreadPoolExecutor
